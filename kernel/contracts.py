@@ -1,0 +1,154 @@
+"""What a connector and a sink are, and the registry plugins add them to.
+
+Connectors and sinks are classes with async methods (pluggy hooks are synchronous, so hooks
+only register factories). Blocking driver calls belong in `asyncio.to_thread` or a worker
+thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+
+from .errors import PluginError
+from .query import DayQuery, ParamStyle
+
+Kind = Literal["events", "metrics"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a connector can do. `fingerprint`: its probe returns a content fingerprint.
+    `paramstyle`: how it marks bound parameters. `quote`: its identifier quote character."""
+
+    fingerprint: bool = False
+    paramstyle: ParamStyle = "qmark"
+    quote: str = '"'
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    rows: int
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a connector knows of the source it serves: name and time zone, for tags and labels."""
+
+    name: str
+    timezone: str = "UTC"
+
+
+class Connector(ABC):
+    """Talks to one warehouse connection (a `[connections.NAME]` table).
+
+    Subclasses set `type_name`, `config_model` (a dataclass, see `kernel.build_model`) and
+    `capabilities`, and implement the async methods below. Failures are raised as
+    `TransientError` (retried with backoff) or `PermanentError` (the run fails with the message).
+    """
+
+    type_name: ClassVar[str]
+    config_model: ClassVar[type]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: Any, *, name: str):
+        self.config = config
+        self.name = name
+
+    @abstractmethod
+    async def check(self, query: DayQuery | None = None) -> None:
+        """Prove the connection works (and, given a day query, that it may read what it uses)."""
+
+    @abstractmethod
+    async def probe(self, query: DayQuery, source: SourceInfo | None = None) -> ProbeResult:
+        """The day's row count (and fingerprint if capable), without downloading rows."""
+
+    @abstractmethod
+    def fetch(self, query: DayQuery, batch_rows: int, source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
+        """Stream the day's rows as RecordBatches of at most `batch_rows` rows, memory bounded."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The partition a sink replaces, and the generation it writes."""
+
+    kind: Kind
+    source: str
+    day: dt.date
+    generation: int
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """What a sink holds for (kind, source, day): the visible generation and its row count."""
+
+    generation: int
+    rows: int
+
+
+class Sink(ABC):
+    """Stores rows of the canonical schemas (`kernel.EVENTS_SCHEMA`, `kernel.METRICS_SCHEMA`).
+
+    `replace` must be atomic per partition: readers see the previous generation or the new one,
+    never a mix, and a failure (an exception from `batches` included) leaves the previous one.
+    """
+
+    type_name: ClassVar[str]
+    config_model: ClassVar[type]
+
+    def __init__(self, config: Any, *, name: str):
+        self.config = config
+        self.name = name
+
+    async def open(self) -> None:
+        """Create tables and recover from a crash (drop rows of generations never made visible)."""
+
+    @abstractmethod
+    async def replace(self, target: Target, batches: AsyncIterator[pa.RecordBatch]) -> int:
+        """Make `target.generation` the partition's only visible rows; return rows written."""
+
+    @abstractmethod
+    async def read_generation(self, kind: Kind, source: str, day: dt.date) -> PartitionInfo | None:
+        """The visible generation of a partition and its row count, or None if never written."""
+
+    async def close(self) -> None:
+        """Flush and release the store."""
+
+
+@dataclass
+class Registry:
+    """Passed to `ingestd_register`: plugins add connector and sink classes by type name."""
+
+    connectors: dict[str, type[Connector]] = field(default_factory=dict)
+    sinks: dict[str, type[Sink]] = field(default_factory=dict)
+    provided_by: dict[tuple[str, str], str] = field(default_factory=dict)
+    _current_plugin: str = "?"
+
+    def add_connector(self, cls: type[Connector]) -> None:
+        self._add("connector", self.connectors, cls, Connector)
+
+    def add_sink(self, cls: type[Sink]) -> None:
+        self._add("sink", self.sinks, cls, Sink)
+
+    def _add(self, what: str, table: dict, cls: type, base: type) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"{what} {cls!r} is not a subclass of kernel.{base.__name__}")
+        name = getattr(cls, "type_name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{what} {cls.__name__} has no type_name")
+        if not hasattr(cls, "config_model"):
+            raise PluginError(f"{what} {name} has no config_model")
+        if name in table:
+            other = self.provided_by.get((what, name), "?")
+            raise PluginError(f"{what} type {name!r} is already provided by plugin {other}")
+        table[name] = cls
+        self.provided_by[(what, name)] = self._current_plugin

@@ -1,0 +1,116 @@
+"""Typed lifecycle events.
+
+Every event has a dotted `type`, the `source` and `day` it concerns (None for daemon-wide
+events), the time it happened, the `run_id` of the load it belongs to, and a `data` dict of
+JSON-safe details. Events are written to the state store's outbox in the same transaction as the
+change they report, then handed to `ingestd_event` hooks and the log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+EVENT_TYPES: dict[str, type["Event"]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    type: ClassVar[str] = "event"
+    source: str | None = None
+    day: dt.date | None = None
+    run_id: str | None = None
+    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        EVENT_TYPES[cls.type] = cls
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "source": self.source,
+            "day": self.day.isoformat() if self.day else None,
+            "at": self.at.isoformat().replace("+00:00", "Z"),
+            "run_id": self.run_id,
+            "data": self.data,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadStarted(Event):
+    """A partition load began. data: trigger, generation (the one being written)."""
+
+    type: ClassVar[str] = "load.started"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSucceeded(Event):
+    """A partition now holds a new generation. data: trigger, generation, rows, rejected, duration_ms."""
+
+    type: ClassVar[str] = "load.succeeded"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadEmpty(Event):
+    """The day had no rows (not landed yet); nothing was written. data: trigger."""
+
+    type: ClassVar[str] = "load.empty"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadFailed(Event):
+    """A load failed; the previous generation stays. data: trigger, reason, transient."""
+
+    type: ClassVar[str] = "load.failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckChanged(Event):
+    """A re-check found a loaded day changed. data: loaded_rows, rows, change_pct, fingerprint_changed."""
+
+    type: ClassVar[str] = "check.changed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckUnchanged(Event):
+    """A re-check found a loaded day unchanged. data: rows."""
+
+    type: ClassVar[str] = "check.unchanged"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillAccepted(Event):
+    """A backfill was stored. data: backfill_id, request_id, sources, from, to, days."""
+
+    type: ClassVar[str] = "backfill.accepted"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillProgress(Event):
+    """One day of a backfill finished. data: backfill_id, done, total, status."""
+
+    type: ClassVar[str] = "backfill.progress"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillDone(Event):
+    """A backfill finished. data: backfill_id, status (done|failed|cancelled), succeeded, failed."""
+
+    type: ClassVar[str] = "backfill.done"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonStarted(Event):
+    """The daemon is up. data: version, sources."""
+
+    type: ClassVar[str] = "daemon.started"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonStopping(Event):
+    """The daemon is shutting down. data: reason."""
+
+    type: ClassVar[str] = "daemon.stopping"

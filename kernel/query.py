@@ -1,0 +1,112 @@
+"""Turn a source's SQL with `{day}`, `{start}`, `{end}` into a warehouse's bound parameters.
+
+Values are never formatted into SQL text: each placeholder becomes the connector's own
+parameter marker and its value travels separately. A query without placeholders is wrapped
+and filtered on the mapped timestamp column (half-open `[start, end)`) or date column.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+ParamStyle = Literal["qmark", "format", "pyformat", "named", "at", "numeric"]
+PLACEHOLDER = re.compile(r"\{(day|start|end)\}")
+
+
+@dataclass(frozen=True)
+class DayWindow:
+    """One calendar day in a time zone. `start`/`end` are naive UTC datetimes, half-open."""
+
+    day: dt.date
+    start: dt.datetime
+    end: dt.datetime
+    timezone: str = "UTC"
+
+    @classmethod
+    def of(cls, day: dt.date, timezone: str = "UTC") -> "DayWindow":
+        tz = ZoneInfo(timezone)
+        nxt = day + dt.timedelta(days=1)
+        start = dt.datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(dt.UTC)
+        end = dt.datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz).astimezone(dt.UTC)
+        return cls(day, start.replace(tzinfo=None), end.replace(tzinfo=None), timezone)
+
+    def values(self) -> dict[str, Any]:
+        return {"day": self.day, "start": self.start, "end": self.end}
+
+
+@dataclass(frozen=True)
+class DayQuery:
+    """SQL in a connector's parameter style, with its parameter values (list or dict)."""
+
+    sql: str
+    params: list[Any] | dict[str, Any]
+    window: DayWindow
+    names: tuple[str, ...] = field(default=())
+
+    def with_values(self, **values: Any) -> "DayQuery":
+        """The same SQL with other parameter values (the conformance kit's injection test)."""
+        if isinstance(self.params, dict):
+            return DayQuery(self.sql, {**self.params, **values}, self.window, self.names)
+        merged = {**self.window.values(), **values}
+        return DayQuery(self.sql, [merged[n] for n in self.names], self.window, self.names)
+
+
+def marker(style: ParamStyle, name: str, position: int) -> str:
+    return {
+        "qmark": "?",
+        "format": "%s",
+        "pyformat": f"%({name})s",
+        "named": f":{name}",
+        "at": f"@{name}",
+        "numeric": f"${position}",
+    }[style]
+
+
+def quote_ident(name: str, quote: str = '"') -> str:
+    close = {"[": "]"}.get(quote, quote)
+    return f"{quote}{name.replace(close, close + close)}{close}"
+
+
+def render(
+    sql: str,
+    window: DayWindow,
+    style: ParamStyle,
+    *,
+    filter_column: str | None = None,
+    filter_kind: Literal["timestamp", "date"] = "timestamp",
+    quote: str = '"',
+) -> DayQuery:
+    """Bind a source query to one day in the connector's parameter style."""
+    sql = sql.strip().rstrip(";").strip()
+    if not PLACEHOLDER.search(sql):
+        if not filter_column:
+            raise ValueError("query has no {day}/{start}/{end} placeholder and no column to filter on")
+        col = f"ingestd_q.{quote_ident(filter_column, quote)}"
+        cond = f"{col} = {{day}}" if filter_kind == "date" else f"{col} >= {{start}} AND {col} < {{end}}"
+        sql = f"SELECT * FROM ({sql}) ingestd_q WHERE {cond}"
+    if style in ("format", "pyformat"):
+        sql = sql.replace("%", "%%")
+    values = window.values()
+    names: list[str] = []
+
+    def substitute(match: re.Match) -> str:
+        name = match.group(1)
+        if style in ("pyformat", "named", "at") and name in names:
+            return marker(style, name, names.index(name) + 1)
+        names.append(name)
+        return marker(style, name, len(names))
+
+    text = PLACEHOLDER.sub(substitute, sql)
+    if style in ("pyformat", "named", "at"):
+        params: list[Any] | dict[str, Any] = {n: values[n] for n in names}
+    else:
+        params = [values[n] for n in names]
+    return DayQuery(text, params, window, tuple(names))
+
+
+def uses_placeholders(sql: str) -> bool:
+    return bool(PLACEHOLDER.search(sql))

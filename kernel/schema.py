@@ -1,0 +1,282 @@
+"""Canonical Arrow schemas, the column mapping of a source, and row validation.
+
+Mapping runs as one DuckDB query per batch over the Arrow data (vectorised, off the GIL): it
+builds the canonical columns, the `ids` and `metadata` JSON objects, and a reject reason per
+row. Rows with a reason are counted and sampled instead of loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import ConfigError, PermanentError
+from .query import DayWindow, quote_ident
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+MAX_NAME = 128
+
+EVENTS_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("day", pa.date32()),
+    ("timestamp", UTC_TS),
+    ("event_name", pa.string()),
+    ("event_value", pa.string()),
+    ("unit_id", pa.string()),
+    ("id_type", pa.string()),
+    ("ids", pa.string()),
+    ("metadata", pa.string()),
+    ("generation", pa.int64()),
+    ("ingested_at", UTC_TS),
+])
+
+METRICS_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("day", pa.date32()),
+    ("unit_id", pa.string()),
+    ("id_type", pa.string()),
+    ("metric_name", pa.string()),
+    ("metric_value", pa.float64()),
+    ("numerator", pa.float64()),
+    ("denominator", pa.float64()),
+    ("generation", pa.int64()),
+    ("ingested_at", UTC_TS),
+])
+
+SCHEMAS = {"events": EVENTS_SCHEMA, "metrics": METRICS_SCHEMA}
+
+
+@dataclass
+class Mapping:
+    """Which query column feeds which schema field (`[sources.NAME.mapping]`).
+
+    `ids` maps id types to columns, in priority order: a row's `unit_id`/`id_type` come from the
+    first one that is not null, and `ids` holds every non-null one. `metadata` columns are folded
+    into the metadata JSON object; `metadata_json` names a column holding a JSON object whose keys
+    are unpacked into it (one level). For metrics, `metric_value` or `numerator` + `denominator`
+    give the value (the ratio wins when a row has both); `date` names the day column.
+    """
+
+    ids: dict[str, str] = field(default_factory=dict)
+    timestamp: str | None = None
+    event_name: str | None = None
+    event_value: str | None = None
+    metadata: list[str] = field(default_factory=list)
+    metadata_json: str | None = None
+    date: str | None = None
+    metric_name: str | None = None
+    metric_value: str | None = None
+    numerator: str | None = None
+    denominator: str | None = None
+
+    def check(self, kind: str) -> None:
+        if not self.ids:
+            raise ConfigError("ids", "map at least one id type to a column, e.g. ids = { user_id = \"user_id\" }")
+        if kind == "events":
+            for key in ("timestamp", "event_name"):
+                if not getattr(self, key):
+                    raise ConfigError(key, "required for an events source")
+            for key in ("date", "metric_name", "metric_value", "numerator", "denominator"):
+                if getattr(self, key):
+                    raise ConfigError(key, "only for a metrics source")
+        else:
+            if not self.metric_name:
+                raise ConfigError("metric_name", "required for a metrics source")
+            if not self.metric_value and not (self.numerator and self.denominator):
+                raise ConfigError("metric_value", "give metric_value, or numerator and denominator")
+            if bool(self.numerator) != bool(self.denominator):
+                raise ConfigError("numerator", "numerator and denominator go together")
+            for key in ("timestamp", "event_name", "event_value", "metadata_json"):
+                if getattr(self, key):
+                    raise ConfigError(key, "only for an events source")
+            if self.metadata:
+                raise ConfigError("metadata", "only for an events source")
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(mapping key, column) for every mapped column."""
+        out = [(f"ids.{k}", v) for k, v in self.ids.items()]
+        out += [(f"metadata[{i}]", v) for i, v in enumerate(self.metadata)]
+        for key in ("timestamp", "event_name", "event_value", "metadata_json", "date",
+                    "metric_name", "metric_value", "numerator", "denominator"):
+            if getattr(self, key):
+                out.append((key, getattr(self, key)))
+        return out
+
+    def filter_column(self, kind: str) -> tuple[str | None, Literal["timestamp", "date"]]:
+        if kind == "events":
+            return self.timestamp, "timestamp"
+        return self.date, "date"
+
+
+@dataclass
+class MappedBatch:
+    rows: pa.RecordBatch
+    rejects: Counter
+    samples: list[dict[str, Any]]
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _timestamp_expr(col: str, arrow_type: pa.DataType) -> str:
+    if pa.types.is_timestamp(arrow_type) or pa.types.is_date(arrow_type):
+        return f"CAST({col} AS TIMESTAMPTZ)"
+    if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
+        return (f"(CASE WHEN abs({col}) >= 100000000000 THEN to_timestamp(CAST({col} AS DOUBLE) / 1000) "
+                f"ELSE to_timestamp(CAST({col} AS DOUBLE)) END)")
+    return f"TRY_CAST(CAST({col} AS VARCHAR) AS TIMESTAMPTZ)"
+
+
+def _text(col: str | None) -> str:
+    return "CAST(NULL AS VARCHAR)" if col is None else f"CAST({col} AS VARCHAR)"
+
+
+def _number(col: str | None) -> str:
+    return "CAST(NULL AS DOUBLE)" if col is None else f"TRY_CAST({col} AS DOUBLE)"
+
+
+class RowMapper:
+    """Maps query batches of one partition load to the canonical schema. Not thread-safe: one
+    mapper per load, called from one worker thread at a time."""
+
+    def __init__(self, kind: str, mapping: Mapping, window: DayWindow, *, source: str,
+                 generation: int, ingested_at: dt.datetime, max_samples: int = 20):
+        self.kind = kind
+        self.mapping = mapping
+        self.window = window
+        self.source = source
+        self.generation = generation
+        self.ingested_at = ingested_at
+        self.max_samples = max_samples
+        self.samples_kept = 0
+        self.schema = SCHEMAS[kind]
+        self._sql: str | None = None
+        self._input_schema: pa.Schema | None = None
+        self._con = duckdb.connect(config={"threads": 1})
+        self._con.execute("SET TimeZone = 'UTC'")
+
+    def close(self) -> None:
+        self._con.close()
+
+    def _prepare(self, schema: pa.Schema) -> str:
+        names = set(schema.names)
+        missing = [(key, col) for key, col in self.mapping.columns() if col not in names]
+        if missing:
+            said = ", ".join(f"mapping.{k} = {c!r}" for k, c in missing)
+            raise PermanentError(f"{said}: not a column of the query result (columns: {', '.join(schema.names)})")
+        q = lambda c: f"src.{quote_ident(c)}"  # noqa: E731
+        typ = lambda c: schema.field(c).type  # noqa: E731
+        m = self.mapping
+        id_cols = [(t, q(c)) for t, c in m.ids.items()]
+        unit = "COALESCE(" + ", ".join(_text(c) for _, c in id_cols) + ")"
+        id_type = "CASE " + " ".join(f"WHEN {c} IS NOT NULL THEN {_sql_str(t)}" for t, c in id_cols) + " END"
+        ids_obj = "json_object(" + ", ".join(f"{_sql_str(t)}, {_text(c)}" for t, c in id_cols) + ")"
+        ids = f"CAST(json_merge_patch('{{}}', {ids_obj}) AS VARCHAR)"
+        common = f"""
+            $source AS source, CAST($day AS DATE) AS day,
+            {unit} AS unit_id, {id_type} AS id_type, {ids} AS ids,
+        """
+        if self.kind == "events":
+            ts = _timestamp_expr(q(m.timestamp), typ(m.timestamp))
+            name = _text(q(m.event_name))
+            value = _text(q(m.event_value)) if m.event_value else _text(None)
+            meta_parts = ", ".join(f"{_sql_str(c)}, {q(c)}" for c in m.metadata)
+            meta = f"json_object({meta_parts})" if m.metadata else "json_object()"
+            bad_meta = "FALSE"
+            if m.metadata_json:
+                mj = q(m.metadata_json)
+                as_json = f"TRY_CAST(CAST({mj} AS VARCHAR) AS JSON)"
+                good = f"coalesce(json_type({as_json}) = 'OBJECT', FALSE)"
+                bad_meta = f"({mj} IS NOT NULL AND NOT {good})"
+                meta = f"json_merge_patch(CASE WHEN {good} THEN {as_json} ELSE json_object() END, {meta})"
+            meta = f"CAST(json_merge_patch('{{}}', {meta}) AS VARCHAR)"
+            raw_ts = q(m.timestamp)
+            return f"""
+            SELECT {common}
+                {ts} AS timestamp, {name} AS event_name, {value} AS event_value, {meta} AS metadata,
+                CAST($generation AS BIGINT) AS generation, $ingested_at AS ingested_at,
+                CASE
+                    WHEN {raw_ts} IS NULL THEN 'missing_timestamp'
+                    WHEN {ts} IS NULL THEN 'bad_timestamp'
+                    WHEN {ts} < $start OR {ts} >= $end THEN 'timestamp_outside_day'
+                    WHEN {name} IS NULL OR {name} = '' THEN 'missing_event_name'
+                    WHEN length({name}) > {MAX_NAME} THEN 'event_name_too_long'
+                    WHEN length({value}) > {MAX_NAME} THEN 'event_value_too_long'
+                    WHEN {unit} IS NULL THEN 'missing_unit_id'
+                    WHEN {bad_meta} THEN 'bad_metadata_json'
+                END AS _reject
+            FROM batch AS src"""
+        name = _text(q(m.metric_name))
+        value = _number(q(m.metric_value) if m.metric_value else None)
+        num = _number(q(m.numerator) if m.numerator else None)
+        den = _number(q(m.denominator) if m.denominator else None)
+        ratio_given = f"({num} IS NOT NULL AND {den} IS NOT NULL)"
+        metric_value = f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END ELSE {value} END"
+        bad_number = " OR ".join(
+            f"({q(c)} IS NOT NULL AND {_number(q(c))} IS NULL)"
+            for c in (m.metric_value, m.numerator, m.denominator) if c) or "FALSE"
+        date_check = f"WHEN CAST({q(m.date)} AS DATE) <> CAST($day AS DATE) THEN 'date_outside_day'" if m.date else ""
+        return f"""
+            SELECT {common}
+                {name} AS metric_name, {metric_value} AS metric_value,
+                {num} AS numerator, {den} AS denominator,
+                CAST($generation AS BIGINT) AS generation, $ingested_at AS ingested_at,
+                CASE
+                    WHEN {name} IS NULL OR {name} = '' THEN 'missing_metric_name'
+                    WHEN length({name}) > {MAX_NAME} THEN 'metric_name_too_long'
+                    WHEN {unit} IS NULL THEN 'missing_unit_id'
+                    WHEN {bad_number} THEN 'bad_number'
+                    {date_check}
+                    WHEN {value} IS NULL AND NOT {ratio_given} THEN 'missing_value'
+                END AS _reject
+            FROM batch AS src"""
+
+    def map(self, batch: pa.RecordBatch) -> MappedBatch:
+        if self._sql is None or batch.schema != self._input_schema:
+            self._sql = self._prepare(batch.schema)
+            self._input_schema = batch.schema
+        params = {
+            "source": self.source, "day": self.window.day,
+            "start": self.window.start.replace(tzinfo=dt.UTC), "end": self.window.end.replace(tzinfo=dt.UTC),
+            "generation": self.generation, "ingested_at": self.ingested_at,
+        }
+        used = {k: v for k, v in params.items() if f"${k}" in self._sql}
+        self._con.register("batch", batch)
+        try:
+            table = self._con.sql(self._sql, params=used).to_arrow_table()
+        except duckdb.Error as exc:
+            raise PermanentError(f"mapping failed: {exc}") from exc
+        finally:
+            self._con.unregister("batch")
+        reasons = table.column("_reject")
+        ok = pc.is_null(reasons)
+        good = table.filter(ok).select(self.schema.names)
+        good = good.cast(self.schema)
+        rejects: Counter = Counter()
+        samples: list[dict[str, Any]] = []
+        if good.num_rows != table.num_rows:
+            bad_reasons = reasons.filter(pc.invert(ok))
+            for item in pc.value_counts(bad_reasons).to_pylist():
+                rejects[item["values"]] += item["counts"]
+            room = self.max_samples - self.samples_kept
+            if room > 0:
+                idx = pc.indices_nonzero(pc.invert(ok)).to_pylist()[:room]
+                raw = batch.take(pa.array(idx)).to_pylist()
+                for i, row in zip(idx, raw):
+                    samples.append({"reason": reasons[i].as_py(), "row": _json_safe(row)})
+                self.samples_kept += len(samples)
+        combined = good.combine_chunks()
+        out = combined.to_batches()[0] if combined.num_rows else pa.RecordBatch.from_pylist([], schema=self.schema)
+        return MappedBatch(out, rejects, samples)
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(row, default=str))
