@@ -18,8 +18,7 @@ from .models import Secret, build_model
 from .query import DayQuery, DayWindow, quote_ident
 from .schema import EVENTS_SCHEMA, METRICS_SCHEMA, SCHEMAS
 
-API_VERSION = 1
-"""The plugin API version. A plugin declares `INGESTD_API = (min, max)` (inclusive)."""
+from .plugins import API_VERSION  # a plugin declares INGESTD_API = (min, max), inclusive
 
 hookimpl = pluggy.HookimplMarker("ingestd")
 

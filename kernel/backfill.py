@@ -1,0 +1,105 @@
+"""Backfills: stored durably first, then run oldest day first with bounded concurrency,
+resumable after a kill. The same request id twice runs once."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+
+from . import logs
+from .events import BackfillAccepted, BackfillDone, BackfillProgress
+from .errors import IngestdError
+from .ingest import load_partition
+from .runtime import Runtime, event
+from .state import Backfill
+
+log = logs.get("ingestd.backfill")
+
+
+class BackfillRejected(IngestdError):
+    """The request is invalid; nothing was stored."""
+
+
+def resolve_sources(rt: Runtime, source: str | list[str]) -> list[str]:
+    names = sorted(rt.config.sources) if source in ("*", ["*"]) else ([source] if isinstance(source, str) else source)
+    unknown = [n for n in names if n not in rt.config.sources]
+    if unknown:
+        raise BackfillRejected(f"unknown source {unknown[0]!r} (configured: {', '.join(sorted(rt.config.sources))})")
+    if not names:
+        raise BackfillRejected("no source named")
+    return names
+
+
+async def submit(rt: Runtime, source: str | list[str], first: dt.date, last: dt.date, *,
+                 request_id: str | None = None, origin: str = "cli") -> tuple[Backfill, bool]:
+    sources = resolve_sources(rt, source)
+    if first > last:
+        raise BackfillRejected(f"from {first} is after to {last}")
+    span = (last - first).days + 1
+    if span > rt.config.daemon.max_backfill_days:
+        raise BackfillRejected(f"range of {span} days is longer than max_backfill_days "
+                               f"({rt.config.daemon.max_backfill_days})")
+    return await rt.state.create_backfill(
+        sources, first, last, request_id=request_id, origin=origin,
+        events=lambda b, total: [event(BackfillAccepted, None, None, None, backfill_id=b.id, request_id=request_id,
+                                       sources=sources, **{"from": first.isoformat(), "to": last.isoformat()},
+                                       days=total)])
+
+
+async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, str, dt.date, str], None] | None = None) -> str:
+    """Run the pending days of a backfill, oldest first; returns its final status."""
+    pending = await rt.state.backfill_days(backfill_id, "pending")
+    limit = asyncio.Semaphore(rt.config.daemon.max_concurrent_loads)
+    failed = 0
+
+    async def one(source: str, day: dt.date) -> None:
+        nonlocal failed
+        try:
+            current = await rt.state.backfill(backfill_id)
+            if current is None or current.status == "cancelled" or rt.stopping.is_set():
+                return
+            outcome = await load_partition(rt, source, day, "backfill", backfill_id=backfill_id)
+            failed += outcome.status == "failed"
+
+            def progress(done: int, total: int):
+                if on_progress:
+                    on_progress(done, total, source, day, outcome.status)
+                rt.activity[f"backfill/{backfill_id}"] = f"backfill {done}/{total}"
+                return [event(BackfillProgress, source, day, outcome.run_id, backfill_id=backfill_id, done=done,
+                              total=total, status=outcome.status)]
+
+            await rt.state.finish_backfill_day(backfill_id, source, day, outcome.status, outcome.run_id, progress)
+        finally:
+            limit.release()
+
+    async with asyncio.TaskGroup() as group:
+        for source, day, _ in pending:
+            await limit.acquire()
+            if rt.stopping.is_set():
+                limit.release()
+                break
+            group.create_task(one(source, day))
+    rt.activity.pop(f"backfill/{backfill_id}", None)
+    current = await rt.state.backfill(backfill_id)
+    if current is None or current.status == "cancelled":
+        return "cancelled"
+    if await rt.state.backfill_days(backfill_id, "pending"):
+        return "running"  # stopped early; resumes at the next start
+    days = await rt.state.backfill_days(backfill_id)
+    failed = sum(1 for d in days if d[2] == "failed")
+    status = "failed" if failed else "done"
+    await rt.state.finish_backfill(backfill_id, status, [event(
+        BackfillDone, None, None, None, backfill_id=backfill_id, status=status,
+        succeeded=sum(1 for d in days if d[2] == "succeeded"), empty=sum(1 for d in days if d[2] == "empty"),
+        failed=failed)])
+    return status
+
+
+async def cancel(rt: Runtime, backfill_id: int) -> bool:
+    current = await rt.state.backfill(backfill_id)
+    if current is None or current.status != "running":
+        return False
+    await rt.state.finish_backfill(backfill_id, "cancelled", [event(
+        BackfillDone, None, None, None, backfill_id=backfill_id, status="cancelled")])
+    return True

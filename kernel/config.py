@@ -1,0 +1,268 @@
+"""daemon.toml -> typed config. Every error names the file and the key path.
+
+The file has `[daemon]`, `[bus]`, `[sinks.NAME]`, `[connections.NAME]` and `[sources.NAME]`
+tables. A connection's or sink's table is validated by the config model of the plugin that
+provides its `type`. Relative paths are taken from the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .contracts import Registry
+from .errors import ConfigError, ConfigErrors
+from .models import Secret, build_model, redact, secret_values
+from .query import uses_placeholders
+from .scheduler import validate_cron, validate_timezone
+from .schema import Mapping
+
+
+@dataclass
+class DaemonSection:
+    """`[daemon]`: process-wide settings."""
+
+    instance: str = ""
+    state_path: str = "var/state.db"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_concurrent_loads: int = 2
+    batch_rows: int = 50_000
+    retry_attempts: int = 5
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    shutdown_grace_seconds: float = 30.0
+    max_backfill_days: int = 366
+
+    def validate(self) -> None:
+        for key in ("max_concurrent_loads", "batch_rows", "retry_attempts", "max_backfill_days"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, "must be at least 1")
+
+
+@dataclass
+class BusSection:
+    """`[bus]`: the MQTT connection (see the README's MQTT section)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str = ""
+    base_topic: str = ""
+    username: str | None = None
+    password: Secret | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    reconnect_max_seconds: float = 60.0
+    max_payload_bytes: int = 65536
+
+
+@dataclass
+class RecheckSection:
+    """`[sources.NAME.recheck]`: re-check windows and what counts as a change."""
+
+    schedule: list[str] = field(default_factory=list)
+    lookback_days: int = 7
+    threshold_pct: float = 1.0
+    detect: Literal["count", "checksum"] = "count"
+
+    def validate(self) -> None:
+        if self.lookback_days < 1:
+            raise ConfigError("lookback_days", "must be at least 1")
+        if self.threshold_pct < 0:
+            raise ConfigError("threshold_pct", "must not be negative")
+
+
+@dataclass
+class SourceSection:
+    """`[sources.NAME]`: one query on one connection, its mapping and schedule."""
+
+    connection: str
+    kind: Literal["events", "metrics"]
+    query: str
+    schedule: list[str]
+    mapping: Mapping
+    sink: str | None = None
+    timezone: str = "UTC"
+    lag_days: int = 1
+    max_reject_pct: float = 1.0
+    ready_query: str | None = None
+    batch_rows: int | None = None
+    enabled: bool = True
+    recheck: RecheckSection = field(default_factory=RecheckSection)
+
+
+@dataclass
+class Plugged:
+    """A connection or sink table: its plugin type and the plugin's validated config."""
+
+    type: str
+    config: Any
+
+
+@dataclass
+class Config:
+    file: Path
+    daemon: DaemonSection
+    bus: BusSection
+    sinks: dict[str, Plugged]
+    connections: dict[str, Plugged]
+    sources: dict[str, SourceSection]
+
+    def sink_of(self, source: str) -> str:
+        return self.sources[source].sink or next(iter(self.sinks))
+
+    def state_path(self) -> Path:
+        return resolve_path(self.file, self.daemon.state_path)
+
+    def instance(self) -> str:
+        return self.daemon.instance or socket.gethostname()
+
+    def secrets(self) -> list[str]:
+        values = secret_values(self.bus)
+        for plugged in (*self.sinks.values(), *self.connections.values()):
+            values += secret_values(plugged.config)
+        return [v for v in values if v]
+
+    def redacted(self) -> dict:
+        return {
+            "daemon": redact(self.daemon), "bus": redact(self.bus),
+            "sinks": {k: {"type": v.type, **redact(v.config)} for k, v in self.sinks.items()},
+            "connections": {k: {"type": v.type, **redact(v.config)} for k, v in self.connections.items()},
+            "sources": {k: redact(v) for k, v in self.sources.items()},
+        }
+
+
+def resolve_path(config_file: Path, raw: str) -> Path:
+    path = Path(os.path.expanduser(os.path.expandvars(raw)))
+    return path if path.is_absolute() else (config_file.parent / path).resolve()
+
+
+KNOWN_TOP = {"daemon", "bus", "sinks", "connections", "sources"}
+
+
+def load_config(path: str | os.PathLike, registry: Registry, plugin_errors: dict[str, str] | None = None) -> Config:
+    """Read and validate daemon.toml; raise ConfigErrors listing every problem found."""
+    file = Path(path).resolve()
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
+    errors: list[ConfigError] = []
+    plugin_errors = plugin_errors or {}
+
+    def section(cls, table, where):
+        try:
+            return build_model(cls, table, where)
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+            return None
+
+    for key in raw:
+        if key not in KNOWN_TOP:
+            errors.append(ConfigError(key, f"unknown section (known: {', '.join(sorted(KNOWN_TOP))})"))
+    daemon = section(DaemonSection, raw.get("daemon", {}), "daemon") or DaemonSection()
+    bus = section(BusSection, raw.get("bus", {}), "bus") or BusSection()
+    sinks = _plugged(raw.get("sinks", {}), "sinks", registry.sinks, "sink", errors, plugin_errors, registry)
+    connections = _plugged(raw.get("connections", {}), "connections", registry.connectors, "connector",
+                           errors, plugin_errors, registry)
+    if not sinks and not any(e.path.startswith("sinks") for e in errors):
+        errors.append(ConfigError("sinks", "no sink configured: add a [sinks.NAME] table"))
+    sources: dict[str, SourceSection] = {}
+    raw_sources = raw.get("sources", {})
+    if not isinstance(raw_sources, dict):
+        errors.append(ConfigError("sources", "expected a table of [sources.NAME] tables"))
+        raw_sources = {}
+    for name, table in raw_sources.items():
+        where = f"sources.{name}"
+        if not isinstance(table, dict):
+            errors.append(ConfigError(where, "expected a table"))
+            continue
+        src = section(SourceSection, table, where)
+        if src is None:
+            continue
+        _check_source(name, src, sinks, connections, raw.get("connections", {}), errors)
+        sources[name] = src
+    if errors:
+        for e in errors:
+            e.file = str(file)
+        raise ConfigErrors([ConfigError(e.path, e.message, file=str(file)) for e in errors])
+    return Config(file, daemon, bus, sinks, connections, sources)
+
+
+def _plugged(tables: Any, where: str, types: dict, what: str, errors: list[ConfigError],
+             plugin_errors: dict[str, str], registry: Registry) -> dict[str, Plugged]:
+    out: dict[str, Plugged] = {}
+    if not isinstance(tables, dict):
+        errors.append(ConfigError(where, f"expected a table of [{where}.NAME] tables"))
+        return out
+    for name, table in tables.items():
+        path = f"{where}.{name}"
+        if not isinstance(table, dict):
+            errors.append(ConfigError(path, "expected a table"))
+            continue
+        kind = table.get("type")
+        if not isinstance(kind, str):
+            errors.append(ConfigError(f"{path}.type", f"missing: name the {what} type ({', '.join(sorted(types)) or 'none loaded'})"))
+            continue
+        cls = types.get(kind)
+        if cls is None:
+            failed = "; ".join(f"plugin {p!r} failed to load: {err}" for p, err in plugin_errors.items())
+            hint = f" ({failed})" if failed else ""
+            errors.append(ConfigError(f"{path}.type", f"unknown {what} type {kind!r}; available: "
+                                      f"{', '.join(sorted(types)) or 'none'}{hint}"))
+            continue
+        rest = {k: v for k, v in table.items() if k != "type"}
+        try:
+            out[name] = Plugged(kind, build_model(cls.config_model, rest, path))
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+    return out
+
+
+def _check_source(name: str, src: SourceSection, sinks: dict, connections: dict, raw_connections: Any,
+                  errors: list[ConfigError]) -> None:
+    where = f"sources.{name}"
+    if src.connection not in connections and src.connection not in (raw_connections or {}):
+        errors.append(ConfigError(f"{where}.connection", f"no [connections.{src.connection}] table"
+                                  f" (defined: {', '.join(sorted(raw_connections or {})) or 'none'})"))
+    if src.sink is not None and src.sink not in sinks:
+        errors.append(ConfigError(f"{where}.sink", f"no [sinks.{src.sink}] table"))
+    if src.sink is None and len(sinks) > 1:
+        errors.append(ConfigError(f"{where}.sink", "several sinks are configured: name one"))
+    if not src.schedule:
+        errors.append(ConfigError(f"{where}.schedule", "give at least one cron expression"))
+    for i, expr in enumerate(src.schedule):
+        if (msg := validate_cron(expr)):
+            errors.append(ConfigError(f"{where}.schedule[{i}]", msg))
+    for i, expr in enumerate(src.recheck.schedule):
+        if (msg := validate_cron(expr)):
+            errors.append(ConfigError(f"{where}.recheck.schedule[{i}]", msg))
+    if (msg := validate_timezone(src.timezone)):
+        errors.append(ConfigError(f"{where}.timezone", msg))
+    if src.lag_days < 0:
+        errors.append(ConfigError(f"{where}.lag_days", "must not be negative"))
+    if not 0 <= src.max_reject_pct <= 100:
+        errors.append(ConfigError(f"{where}.max_reject_pct", "must be between 0 and 100"))
+    if src.batch_rows is not None and src.batch_rows < 1:
+        errors.append(ConfigError(f"{where}.batch_rows", "must be at least 1"))
+    try:
+        src.mapping.check(src.kind)
+    except ConfigError as exc:
+        errors.append(ConfigError(f"{where}.mapping.{exc.path}", exc.message))
+    if not uses_placeholders(src.query) and not src.mapping.filter_column(src.kind)[0]:
+        col = "timestamp" if src.kind == "events" else "date"
+        errors.append(ConfigError(f"{where}.query", "has no {day}/{start}/{end} placeholder; use one, or map "
+                                  f"mapping.{col} so the query can be filtered on it"))
+    if src.ready_query is not None and not uses_placeholders(src.ready_query):
+        errors.append(ConfigError(f"{where}.ready_query", "must name the day with {day} or {start}/{end}"))
+

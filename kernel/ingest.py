@@ -1,0 +1,300 @@
+"""One partition job: probe -> fetch -> map -> sink.replace -> state -> events.
+
+Fetch, mapping and the sink write run as overlapping stages joined by small queues, so the
+slowest stage sets the pace and memory holds only a few batches. A transient connector error
+retries the whole attempt with backoff; the sink keeps the previous generation until the new
+one is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import datetime as dt
+
+import pyarrow as pa
+
+from . import logs
+from .contracts import ProbeResult, Target
+from .errors import PermanentError, RejectLimitExceeded, TransientError
+from .events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
+from .runtime import Runtime, event
+from .schema import RowMapper
+
+log = logs.get("ingestd.ingest")
+T = TypeVar("T")
+QUEUE_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # succeeded | empty | failed
+    run_id: str | None = None
+    generation: int | None = None
+    rows: int = 0
+    reason: str | None = None
+
+
+async def with_retry(rt: Runtime, what: str, call: Callable[[], Awaitable[T]], **ctx: Any) -> T:
+    """Run `call`, retrying TransientError with exponential backoff and jitter."""
+    d = rt.config.daemon
+    for attempt in range(1, d.retry_attempts + 1):
+        try:
+            return await call()
+        except TransientError as exc:
+            if attempt == d.retry_attempts:
+                raise
+            delay = min(d.retry_max_seconds, d.retry_base_seconds * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning(f"{what}.retry", attempt=attempt, delay_s=round(delay, 2), error=str(exc), **ctx)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def probe(rt: Runtime, source: str, day: dt.date) -> ProbeResult:
+    conn = rt.connector_of(source)
+    return await with_retry(rt, "probe", lambda: conn.probe(rt.day_query(source, day), rt.source_info(source)),
+                            source=source, day=day.isoformat())
+
+
+async def is_ready(rt: Runtime, source: str, day: dt.date, found: ProbeResult) -> bool:
+    """A day is ready when it has rows, unless a `ready_query` says otherwise (its first value,
+    as a row count or boolean, decides)."""
+    src = rt.config.sources[source]
+    if not src.ready_query:
+        return found.rows > 0
+    conn = rt.connector_of(source)
+    q = rt.day_query(source, day, src.ready_query)
+    result = await with_retry(rt, "ready", lambda: conn.probe(q, rt.source_info(source)))
+    return result.rows > 0 and found.rows > 0
+
+
+async def load_partition(rt: Runtime, source: str, day: dt.date, trigger: str, *,
+                         backfill_id: int | None = None, found: ProbeResult | None = None) -> Outcome:
+    """Load one day of one source and replace it in the sink, exactly once, atomically."""
+    async with rt.partition_lock(source, day), rt.slots:
+        rt.activity[f"{source}/{day}"] = f"loading {source} {day}"
+        try:
+            return await _load(rt, source, day, trigger, backfill_id, found)
+        finally:
+            rt.activity.pop(f"{source}/{day}", None)
+
+
+async def _load(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_id: int | None,
+                found: ProbeResult | None) -> Outcome:
+    src = rt.config.sources[source]
+    sink = rt.sink_of(source)
+    started = time.monotonic()
+    part = await rt.state.partition(source, day)
+    try:
+        if found is None:
+            found = await probe(rt, source, day)
+        ready = await is_ready(rt, source, day, found)
+    except (TransientError, PermanentError) as exc:
+        return await _fail_without_run(rt, source, day, trigger, backfill_id, exc, started)
+    if not ready:
+        run_id = await rt.state.start_run(source, day, trigger, part.generation if part else 0, backfill_id,
+                                          lambda rid: [])
+        fields = {"checked_at": dt.datetime.now(dt.UTC).isoformat()}
+        if not part or part.generation == 0:
+            fields.update(status="empty", rows=0, source_rows=0)
+        await rt.state.finish_run(run_id, status="empty", rows_fetched=0, rows_written=0, rows_rejected=0,
+                                  duration_ms=_ms(started), partition=fields,
+                                  events=[event(LoadEmpty, source, day, run_id, trigger=trigger)])
+        return Outcome("empty", run_id, part.generation if part else None)
+    visible = await sink.read_generation(src.kind, source, day)
+    generation = max(part.generation if part else 0, visible.generation if visible else 0) + 1
+    run_id = await rt.state.start_run(
+        source, day, trigger, generation, backfill_id,
+        lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)])
+    try:
+        stats = await with_retry(
+            rt, "load", lambda: _stream(rt, source, day, generation, run_id),
+            source=source, day=day.isoformat(), run_id=run_id, generation=generation)
+    except Exception as exc:  # every failure is recorded on the run, with its reason
+        transient = isinstance(exc, TransientError)
+        reason = str(exc) or type(exc).__name__
+        if not isinstance(exc, (TransientError, PermanentError, RejectLimitExceeded)):
+            log.error("load.error", source=source, day=day.isoformat(), run_id=run_id, exc_info=exc)
+            reason = f"{type(exc).__name__}: {reason}"
+        stats = getattr(exc, "stats", None) or {}
+        await rt.state.finish_run(
+            run_id, status="failed", reason=reason, duration_ms=_ms(started), partition={
+                "status": "failed", "error": reason, "checked_at": dt.datetime.now(dt.UTC).isoformat()},
+            rows_fetched=stats.get("fetched"), rows_rejected=stats.get("rejected"), rejects=stats.get("reasons"),
+            samples=stats.get("samples"),
+            events=[event(LoadFailed, source, day, run_id, trigger=trigger, reason=reason, transient=transient,
+                          generation=generation)])
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return Outcome("failed", run_id, generation, reason=reason)
+    duration = _ms(started)
+    now = dt.datetime.now(dt.UTC).isoformat()
+    await rt.state.finish_run(
+        run_id, status="succeeded", rows_fetched=stats["fetched"], rows_written=stats["written"],
+        rows_rejected=stats["rejected"], rejects=stats["reasons"], samples=stats["samples"],
+        fingerprint=found.fingerprint, duration_ms=duration,
+        partition={"status": "succeeded", "generation": generation, "rows": stats["written"],
+                   "source_rows": stats["fetched"], "fingerprint": found.fingerprint, "loaded_at": now,
+                   "checked_at": now, "error": None},
+        events=[event(LoadSucceeded, source, day, run_id, trigger=trigger, generation=generation,
+                      rows=stats["written"], fetched=stats["fetched"], rejected=stats["rejected"],
+                      duration_ms=duration)])
+    return Outcome("succeeded", run_id, generation, stats["written"])
+
+
+async def _fail_without_run(rt, source, day, trigger, backfill_id, exc, started) -> Outcome:
+    part = await rt.state.partition(source, day)
+    reason = str(exc)
+    run_id = await rt.state.start_run(source, day, trigger, part.generation if part else 0, backfill_id, lambda rid: [])
+    await rt.state.finish_run(
+        run_id, status="failed", reason=reason, duration_ms=_ms(started),
+        partition={"status": "failed", "error": reason} if not part or part.generation == 0 else {"error": reason},
+        events=[event(LoadFailed, source, day, run_id, trigger=trigger, reason=reason,
+                      transient=isinstance(exc, TransientError))])
+    return Outcome("failed", run_id, reason=reason)
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+_DONE = object()
+
+
+async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_id: str) -> dict:
+    """One attempt: fetch, map and write overlapping; returns counts. Raises on any failure,
+    after which the sink still holds the previous generation."""
+    src = rt.config.sources[source]
+    conn = rt.connector_of(source)
+    query = rt.day_query(source, day)
+    mapper = RowMapper(src.kind, src.mapping, query.window, source=source, generation=generation,
+                       ingested_at=dt.datetime.now(dt.UTC))
+    fetched_q: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
+    mapped_q: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
+    stats: dict[str, Any] = {"fetched": 0, "rejected": 0, "written": 0, "reasons": Counter(), "samples": []}
+
+    async def fetch_stage() -> None:
+        try:
+            async for batch in conn.fetch(query, rt.batch_rows(source), rt.source_info(source)):
+                stats["fetched"] += batch.num_rows
+                await fetched_q.put(batch)
+            await fetched_q.put(_DONE)
+        except BaseException as exc:
+            await fetched_q.put(exc)
+            raise
+
+    async def map_stage() -> None:
+        try:
+            while (item := await fetched_q.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                mapped = await asyncio.to_thread(mapper.map, item)
+                stats["rejected"] += sum(mapped.rejects.values())
+                stats["reasons"].update(mapped.rejects)
+                stats["samples"].extend(mapped.samples)
+                if mapped.rows.num_rows:
+                    await mapped_q.put(mapped.rows)
+            await mapped_q.put(_DONE)
+        except BaseException as exc:
+            await mapped_q.put(exc)
+            raise
+
+    async def batches() -> AsyncIterator[pa.RecordBatch]:
+        while (item := await mapped_q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        if stats["fetched"] and stats["rejected"] * 100 / stats["fetched"] > src.max_reject_pct:
+            top = ", ".join(f"{k}: {v}" for k, v in stats["reasons"].most_common(5))
+            exc = RejectLimitExceeded(
+                f"{stats['rejected']} of {stats['fetched']} rows rejected "
+                f"({stats['rejected'] * 100 / stats['fetched']:.2f}%), more than max_reject_pct "
+                f"{src.max_reject_pct}% ({top})")
+            raise exc
+
+    tasks = [asyncio.create_task(fetch_stage()), asyncio.create_task(map_stage())]
+    try:
+        target = Target(src.kind, source, day, generation)
+        stats["written"] = await rt.sink_of(source).replace(target, batches())
+        await asyncio.gather(*tasks)
+    except BaseException as exc:
+        exc.stats = {**stats, "reasons": dict(stats["reasons"])}  # type: ignore[attr-defined]
+        raise
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        mapper.close()
+    stats["reasons"] = dict(stats["reasons"])
+    return stats
+
+
+async def recheck_day(rt: Runtime, source: str, day: dt.date) -> str:
+    """Probe a day again; reload it if its count moved past the threshold or (checksum mode)
+    its fingerprint changed. Downloads no rows for an unchanged day. Returns what it did."""
+    src = rt.config.sources[source]
+    part = await rt.state.partition(source, day)
+    try:
+        found = await probe(rt, source, day)
+    except (TransientError, PermanentError) as exc:
+        log.warning("check.failed", source=source, day=day.isoformat(), error=str(exc))
+        return "failed"
+    if part is None or part.generation == 0:
+        if found.rows > 0:
+            out = await load_partition(rt, source, day, "recheck", found=found)
+            return "loaded" if out.status == "succeeded" else out.status
+        await rt.state.set_partition(source, day, checked_at=dt.datetime.now(dt.UTC).isoformat(),
+                                     **({} if part else {"status": "empty", "rows": 0, "source_rows": 0}))
+        return "empty"
+    loaded = part.source_rows if part.source_rows is not None else (part.rows or 0)
+    change_pct = abs(found.rows - loaded) * 100 / loaded if loaded else (100.0 if found.rows else 0.0)
+    caps = rt.connector_of(source).capabilities
+    fp_changed = (src.recheck.detect == "checksum" and caps.fingerprint and found.fingerprint is not None
+                  and found.fingerprint != part.fingerprint)
+    now = dt.datetime.now(dt.UTC).isoformat()
+    if change_pct > src.recheck.threshold_pct or fp_changed:
+        await rt.state.set_partition(source, day, checked_at=now, events=[event(
+            CheckChanged, source, day, None, loaded_rows=loaded, rows=found.rows,
+            change_pct=round(change_pct, 3), fingerprint_changed=fp_changed)])
+        out = await load_partition(rt, source, day, "recheck", found=found)
+        return "reloaded" if out.status == "succeeded" else out.status
+    await rt.state.set_partition(source, day, checked_at=now, events=[event(
+        CheckUnchanged, source, day, None, rows=found.rows, change_pct=round(change_pct, 3))])
+    return "unchanged"
+
+
+async def recover(rt: Runtime) -> list[str]:
+    """Settle runs left `running` by a killed process, from what the sink really holds."""
+    settled = []
+    for run in await rt.state.running_runs():
+        if run.source not in rt.config.sources:
+            await rt.state.finish_run(run.run_id, status="failed", reason="interrupted; source no longer configured")
+            continue
+        kind = rt.config.sources[run.source].kind
+        info = await rt.sink_of(run.source).read_generation(kind, run.source, run.day)
+        if info and run.generation and info.generation == run.generation:
+            now = dt.datetime.now(dt.UTC).isoformat()
+            await rt.state.finish_run(
+                run.run_id, status="succeeded", reason="completed before the process stopped; settled at restart",
+                rows_written=info.rows, partition={"status": "succeeded", "generation": info.generation,
+                                                   "rows": info.rows, "source_rows": info.rows, "loaded_at": now,
+                                                   "error": None},
+                events=[event(LoadSucceeded, run.source, run.day, run.run_id, trigger=run.trigger,
+                              generation=info.generation, rows=info.rows, recovered=True)])
+        else:
+            reason = "interrupted: the process stopped during the load; the previous generation was kept"
+            await rt.state.finish_run(
+                run.run_id, status="failed", reason=reason, partition={"status": "failed", "error": reason},
+                events=[event(LoadFailed, run.source, run.day, run.run_id, trigger=run.trigger, reason=reason,
+                              transient=True)])
+        settled.append(run.run_id)
+    return settled

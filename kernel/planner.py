@@ -1,0 +1,87 @@
+"""What a window does: which days a load window or a re-check window touches, and the
+catch-up of days missed while the daemon was down."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from . import logs
+from .ingest import load_partition, recheck_day
+from .runtime import Runtime
+from .scheduler import CronWindows
+
+log = logs.get("ingestd.planner")
+
+
+def load_windows(rt: Runtime, source: str) -> CronWindows:
+    src = rt.config.sources[source]
+    return CronWindows(src.schedule, src.timezone)
+
+
+def recheck_windows(rt: Runtime, source: str) -> CronWindows | None:
+    src = rt.config.sources[source]
+    return CronWindows(src.recheck.schedule, src.timezone) if src.recheck.schedule else None
+
+
+def newest_day(rt: Runtime, source: str, now: dt.datetime) -> dt.date | None:
+    """The newest day due at `now`: the local date of the last load window, minus lag_days."""
+    windows = load_windows(rt, source)
+    last = windows.last_at_or_before(now)
+    if last is None:
+        return None
+    return windows.local_date(last) - dt.timedelta(days=rt.config.sources[source].lag_days)
+
+
+def lookback(rt: Runtime, source: str, newest: dt.date) -> list[dt.date]:
+    n = rt.config.sources[source].recheck.lookback_days
+    return [newest - dt.timedelta(days=i) for i in range(n - 1, -1, -1)]
+
+
+async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
+    """Load, oldest first, every day in the look-back range that holds no generation yet: the
+    newest day and any missed while the daemon was down. Days not landed stay for the next window."""
+    newest = newest_day(rt, source, now)
+    done: dict[dt.date, str] = {}
+    if newest is None:
+        return done
+    for day in lookback(rt, source, newest):
+        if rt.stopping.is_set():
+            break
+        part = await rt.state.partition(source, day)
+        if part and part.generation > 0:
+            continue
+        outcome = await load_partition(rt, source, day, "scheduled")
+        done[day] = outcome.status
+    await rt.state.mark_window(source, "load", now)
+    return done
+
+
+async def run_recheck_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
+    """Probe every day in the look-back range; reload the changed ones."""
+    newest = newest_day(rt, source, now)
+    done: dict[dt.date, str] = {}
+    if newest is not None:
+        for day in lookback(rt, source, newest):
+            if rt.stopping.is_set():
+                break
+            done[day] = await recheck_day(rt, source, day)
+    await rt.state.mark_window(source, "recheck", now)
+    return done
+
+
+async def recheck_due(rt: Runtime, source: str, now: dt.datetime) -> bool:
+    windows = recheck_windows(rt, source)
+    if windows is None:
+        return False
+    last = windows.last_at_or_before(now)
+    seen = await rt.state.window_seen(source, "recheck")
+    return last is not None and (seen is None or last > seen)
+
+
+async def run_due(rt: Runtime, source: str, now: dt.datetime) -> dict[str, dict]:
+    """Everything due for a source at `now`: catch-up and the load window, then a re-check if
+    one fell due since the last one ran (`ingestd run --once`, and the daemon at start)."""
+    out = {"load": await run_load_window(rt, source, now)}
+    if await recheck_due(rt, source, now):
+        out["recheck"] = await run_recheck_window(rt, source, now)
+    return out

@@ -1,0 +1,2 @@
+class SinkSuite:
+    """Placeholder; being written."""
