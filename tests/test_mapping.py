@@ -1,0 +1,113 @@
+"""Column mapping and row rules, on real Arrow batches through the real DuckDB mapper."""
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pytest
+
+from kernel.errors import PermanentError
+from kernel.query import DayWindow
+from kernel.schema import EVENTS_SCHEMA, METRICS_SCHEMA, Mapping, RowMapper
+
+DAY = dt.date(2026, 1, 5)
+NOW = dt.datetime(2026, 1, 6, tzinfo=dt.UTC)
+
+
+def events_mapper(**kw) -> RowMapper:
+    m = Mapping(ids={"user_id": "uid", "stable_id": "sid"}, timestamp="ts", event_name="ev", event_value="val",
+                metadata=["country"], metadata_json="props", **kw)
+    m.check("events")
+    return RowMapper("events", m, DayWindow.of(DAY), source="web", generation=4, ingested_at=NOW)
+
+
+def row(**kw):
+    base = dict(ts=dt.datetime(2026, 1, 5, 3), uid="u1", sid="s1", ev="click", val="1", country="DE", props=None)
+    return {**base, **kw}
+
+
+def test_event_row_maps_to_the_schema():
+    out = events_mapper().map(pa.RecordBatch.from_pylist([row(props='{"plan": "pro", "n": {"x": 1}}')]))
+    assert out.rows.schema == EVENTS_SCHEMA
+    r = out.rows.to_pylist()[0]
+    assert (r["source"], r["day"], r["generation"]) == ("web", DAY, 4)
+    assert (r["unit_id"], r["id_type"]) == ("u1", "user_id")
+    assert json.loads(r["ids"]) == {"user_id": "u1", "stable_id": "s1"}
+    assert json.loads(r["metadata"]) == {"plan": "pro", "n": {"x": 1}, "country": "DE"}
+    assert r["timestamp"] == dt.datetime(2026, 1, 5, 3, tzinfo=dt.UTC)
+
+
+def test_second_id_column_is_used_when_the_first_is_null():
+    r = events_mapper().map(pa.RecordBatch.from_pylist([row(uid=None)])).rows.to_pylist()[0]
+    assert (r["unit_id"], r["id_type"], json.loads(r["ids"])) == ("s1", "stable_id", {"stable_id": "s1"})
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (dict(ts=None), "missing_timestamp"),
+    (dict(ts="yesterday-ish"), "bad_timestamp"),
+    (dict(ts="2026-01-06T00:00:00Z"), "timestamp_outside_day"),
+    (dict(ts="2026-01-04T23:59:59Z"), "timestamp_outside_day"),
+    (dict(ev=None), "missing_event_name"),
+    (dict(ev="x" * 129), "event_name_too_long"),
+    (dict(val="v" * 129), "event_value_too_long"),
+    (dict(uid=None, sid=None), "missing_unit_id"),
+    (dict(props="[1, 2]"), "bad_metadata_json"),
+    (dict(props="{not json"), "bad_metadata_json"),
+])
+def test_bad_rows_are_rejected_with_their_reason(bad, reason):
+    rows = [row(ts="2026-01-05T01:00:00Z"), row(ts="2026-01-05T02:00:00Z", **{k: v for k, v in bad.items() if k != "ts"})]
+    if "ts" in bad:
+        rows[1]["ts"] = bad["ts"]
+    out = events_mapper().map(pa.RecordBatch.from_pylist(rows))
+    assert out.rows.num_rows == 1
+    assert dict(out.rejects) == {reason: 1}
+    assert out.samples[0]["reason"] == reason
+    assert out.samples[0]["row"]["uid"] == rows[1]["uid"]
+
+
+def test_string_and_epoch_timestamps_are_read_as_utc():
+    out = events_mapper().map(pa.RecordBatch.from_pylist([
+        row(ts="2026-01-05T10:00:00+02:00"), row(ts="2026-01-05 23:59:59")]))
+    assert [r["timestamp"].hour for r in out.rows.to_pylist()] == [8, 23]
+    epoch = int(dt.datetime(2026, 1, 5, 12, tzinfo=dt.UTC).timestamp())
+    out = events_mapper().map(pa.RecordBatch.from_pylist([row(ts=epoch), row(ts=epoch * 1000)]))
+    assert [r["timestamp"].hour for r in out.rows.to_pylist()] == [12, 12]
+
+
+def test_a_mapped_column_missing_from_the_result_is_a_permanent_error():
+    with pytest.raises(PermanentError, match="mapping.event_name = 'ev'"):
+        events_mapper().map(pa.RecordBatch.from_pylist([{"ts": dt.datetime(2026, 1, 5), "uid": "u", "sid": "s",
+                                                          "val": "1", "country": "DE", "props": None}]))
+
+
+def metrics_mapper() -> RowMapper:
+    m = Mapping(ids={"user_id": "uid"}, metric_name="m", metric_value="v", numerator="n", denominator="d", date="ds")
+    m.check("metrics")
+    return RowMapper("metrics", m, DayWindow.of(DAY), source="kpi", generation=1, ingested_at=NOW)
+
+
+def test_metrics_value_ratio_and_rules():
+    rows = [
+        dict(ds=DAY, uid="a", m="revenue", v=10.0, n=None, d=None),
+        dict(ds=DAY, uid="a", m="ctr", v=99.0, n=3.0, d=4.0),      # both forms: the ratio wins
+        dict(ds=DAY, uid="a", m="ctr", v=None, n=1.0, d=0.0),      # ratio undefined: value null, row kept
+        dict(ds=DAY, uid="a", m="ctr", v=None, n=None, d=4.0),     # no value at all
+        dict(ds=DAY + dt.timedelta(days=1), uid="a", m="x", v=1.0, n=None, d=None),
+        dict(ds=DAY, uid=None, m="x", v=1.0, n=None, d=None),
+        dict(ds=DAY, uid="a", m=None, v=1.0, n=None, d=None),
+    ]
+    out = metrics_mapper().map(pa.RecordBatch.from_pylist(rows))
+    assert out.rows.schema == METRICS_SCHEMA
+    assert [r["metric_value"] for r in out.rows.to_pylist()] == [10.0, 0.75, None]
+    assert dict(out.rejects) == {"missing_value": 1, "date_outside_day": 1, "missing_unit_id": 1,
+                                 "missing_metric_name": 1}
+
+
+def test_mapping_config_rules():
+    from kernel.errors import ConfigError
+    with pytest.raises(ConfigError, match="required for an events source"):
+        Mapping(ids={"u": "u"}, event_name="e").check("events")
+    with pytest.raises(ConfigError, match="numerator and denominator go together"):
+        Mapping(ids={"u": "u"}, metric_name="m", metric_value="v", numerator="n").check("metrics")
+    with pytest.raises(ConfigError, match="at least one id type"):
+        Mapping(timestamp="t", event_name="e").check("events")
