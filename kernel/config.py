@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from .contracts import Registry
 from .errors import ConfigError, ConfigErrors
-from .models import Secret, build_model, redact, secret_values
+from .models import BASE_DIR, Secret, build_model, redact, secret_values
 from .query import uses_placeholders
 from .scheduler import validate_cron, validate_timezone
 from .schema import Mapping
@@ -157,8 +157,15 @@ def load_config(path: str | os.PathLike, registry: Registry, plugin_errors: dict
         raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
+    token = BASE_DIR.set(file.parent)
+    try:
+        return _load(file, raw, registry, plugin_errors or {})
+    finally:
+        BASE_DIR.reset(token)
+
+
+def _load(file: Path, raw: dict, registry: Registry, plugin_errors: dict[str, str]) -> Config:
     errors: list[ConfigError] = []
-    plugin_errors = plugin_errors or {}
 
     def section(cls, table, where):
         try:

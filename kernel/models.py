@@ -12,6 +12,7 @@ expanded in the file path (systemd's LoadCredential=). The value prints as `***`
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime as dt
 import os
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, ConfigErrors
+
+BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ingestd_config_dir", default=None)
+"""The config file's folder while a config is read: relative `Path` fields and secret files
+are taken from there."""
 
 
 class Secret:
@@ -48,7 +53,9 @@ class Secret:
 
 
 def _expand_path(raw: str) -> str:
-    return os.path.expanduser(os.path.expandvars(raw))
+    path = Path(os.path.expanduser(os.path.expandvars(raw)))
+    base = BASE_DIR.get()
+    return str(path if path.is_absolute() or base is None else base / path)
 
 
 def _resolve_secret(name: str, table: dict, path: str, errors: list[ConfigError]) -> Secret | None:
@@ -89,7 +96,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+_TYPE_WORDS = {Path: "a path", str: "a string", int: "an integer", float: "a number", bool: "true or false",
                dt.date: "a date (YYYY-MM-DD)"}
 
 
@@ -149,6 +156,11 @@ def _convert(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
         if not isinstance(value, str):
             errors.append(ConfigError(path, f"expected a string, got {_show(value)}"))
         return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            errors.append(ConfigError(path, f"expected a path (a non-empty string), got {_show(value)}"))
+            return None
+        return Path(_expand_path(value))
     if tp is dt.date:
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
             return value

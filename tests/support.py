@@ -134,3 +134,57 @@ def plugin_dist(folder: Path, name: str, module_source: str, *, entry_name: str 
 def sink_rows(path: Path, source: str, day: dt.date, table: str = "events") -> int:
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute(f"SELECT count(*) FROM {table} WHERE source = ? AND day = ?", [source, day]).fetchone()[0]
+
+
+SLOW_PLUGIN = '''
+"""Test plugin: the DuckDB connector, slowed down per batch (INGESTD_TEST_SLOW_S seconds),
+so a test can kill or disturb a load while it is running."""
+import asyncio, os
+from kernel import hookimpl
+from plugins.duckdb_connector import DuckDBConnector
+
+INGESTD_API = (1, 1)
+
+
+class SlowDuck(DuckDBConnector):
+    type_name = "slowduck"
+
+    async def fetch(self, query, batch_rows, source=None):
+        delay = float(os.environ.get("INGESTD_TEST_SLOW_S", "0.2"))
+        async for batch in super().fetch(query, batch_rows, source):
+            await asyncio.sleep(delay)
+            yield batch
+
+
+@hookimpl
+def ingestd_register(registry):
+    registry.add_connector(SlowDuck)
+'''
+
+
+def slow_plugin(folder: Path) -> Path:
+    return plugin_dist(folder / "plugins-extra", "slowduck_plugin", SLOW_PLUGIN)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def state_query(state_db: Path, sql: str, params=()):
+    import sqlite3
+    if not state_db.exists():
+        return []
+    con = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=5)
+    try:
+        return con.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()

@@ -1,6 +1,237 @@
+"""The connector half of the conformance kit.
+
+A connector author subclasses `ConnectorSuite` in a test module and provides two fixtures:
+
+    from kernel.testing import ConnectorSuite
+
+    class TestMyWarehouse(ConnectorSuite):
+        batch_rows = 100                      # optional
+
+        @pytest.fixture
+        async def connector(self):            # an opened connector on a real (test) warehouse
+            c = MyConnector(MyConfig(...), name="kit")
+            yield c
+            await c.close()
+
+        @pytest.fixture
+        async def kit_table(self, connector): # a KitTable over an EMPTY table
+            ...                               # ts TIMESTAMP, user_id VARCHAR, event VARCHAR, value DOUBLE
+
+The suite then checks what the kernel relies on: probe and fetch agree on a half-open day
+window, batches are bounded Arrow record batches, an empty day yields nothing, day values
+are bound parameters (never SQL text), fingerprints are stable and see a changed value at
+equal count, errors are sorted into the kernel's classes, and an abandoned fetch leaves the
+connector usable. The tests are marked `asyncio`, so they run in pytest-asyncio's strict mode
+too (the author's async fixtures then need `@pytest_asyncio.fixture`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import ClassVar, Protocol, runtime_checkable
+
+import pyarrow as pa
+import pytest
+
+from ..contracts import Connector, ProbeResult
+from ..errors import ConnectorError, PermanentError
+from ..query import DayQuery, DayWindow, render
+
+DAY = dt.date(2026, 3, 10)
+
+
+@runtime_checkable
+class KitTable(Protocol):
+    """A table in the author's warehouse that the suite fills through the author's own code."""
+
+    name: str
+    """How SQL refers to the table (qualified and quoted as the warehouse needs)."""
+
+    async def insert(self, rows: list[tuple[dt.datetime, str, str, float]]) -> None:
+        """Insert rows of (ts as naive UTC datetime, user_id, event, value)."""
+
+    async def update_value(self, user_id: str, value: float) -> None:
+        """Set `value` of the row(s) of `user_id` in place: the row count does not change."""
+
+
+def _midday(day: dt.date) -> dt.datetime:
+    return dt.datetime(day.year, day.month, day.day, 12)
+
+
+def day_rows(day: dt.date, n: int, prefix: str = "u") -> list[tuple[dt.datetime, str, str, float]]:
+    """`n` rows spread over `day`, the first one exactly at its start (midnight UTC)."""
+    start = dt.datetime(day.year, day.month, day.day)
+    step = 86_399 / max(n, 1)
+    return [(start + dt.timedelta(seconds=int(i * step)), f"{prefix}{day:%m%d}-{i:05d}", "click", float(i))
+            for i in range(n)]
+
+
+def neighbour_rows(day: dt.date) -> list[tuple[dt.datetime, str, str, float]]:
+    """Rows just outside the day: before its start, exactly at its end (excluded: the window is
+    half-open) and inside the next day."""
+    start = dt.datetime(day.year, day.month, day.day)
+    end = start + dt.timedelta(days=1)
+    return [
+        (start - dt.timedelta(seconds=1), "before-1", "click", 1.0),
+        (start - dt.timedelta(hours=6), "before-2", "click", 2.0),
+        (end, "at-end", "click", 3.0),
+        (end + dt.timedelta(hours=6), "after-1", "click", 4.0),
+    ]
+
+
+HOSTILE = [
+    "{date}' OR '1'='1",
+    "{date} 00:00:00' OR 1=1 --",
+    "{date}'; DELETE FROM {table}; --",
+    "{date}') OR ('1'='1",
+]
+
+
+def hostile_values(names: tuple[str, ...], table: str) -> list[dict[str, str]]:
+    """Day values carrying SQL, one placeholder at a time and all at once. Their date part
+    makes a lenient warehouse that parses only a prefix read nothing either: far future for
+    `day` and `start`, far past for `end`."""
+    dates = {"day": "2999-01-01", "start": "2999-01-01", "end": "1999-01-01"}
+    out = []
+    for text in HOSTILE:
+        one = {n: text.format(date=dates[n], table=table) for n in names}
+        out += [{n: v} for n, v in one.items()] + [one]
+    return out
+
+
 class ConnectorSuite:
-    """Placeholder; being written."""
+    """Mixin of conformance tests; subclass it as `Test...` and provide the fixtures
+    `connector` and `kit_table` (see the module docstring)."""
 
+    batch_rows: ClassVar[int] = 100
 
-class KitTable:
-    pass
+    # -- helpers -----------------------------------------------------------------------------
+
+    def day_query(self, connector: Connector, table: KitTable, day: dt.date = DAY,
+                  where: str = "ts >= {start} AND ts < {end}", columns: str = "ts, user_id, event, value") -> DayQuery:
+        caps = connector.capabilities
+        sql = f"SELECT {columns} FROM {table.name} WHERE {where}"
+        return render(sql, DayWindow.of(day), caps.paramstyle, quote=caps.quote)
+
+    async def fetch_all(self, connector: Connector, query: DayQuery) -> list[pa.RecordBatch]:
+        return [b async for b in connector.fetch(query, self.batch_rows)]
+
+    def day_size(self) -> int:
+        return self.batch_rows * 5 // 2
+
+    async def fill(self, table: KitTable) -> int:
+        """DAY with 2.5 x batch_rows rows, plus rows around it; returns the day's row count."""
+        n = self.day_size()
+        await table.insert(day_rows(DAY, n) + neighbour_rows(DAY))
+        return n
+
+    async def counts(self, connector: Connector, table: KitTable) -> list[int]:
+        days = [DAY - dt.timedelta(days=1), DAY, DAY + dt.timedelta(days=1)]
+        return [(await connector.probe(self.day_query(connector, table, d))).rows for d in days]
+
+    # -- the tests -----------------------------------------------------------------------------
+
+    @pytest.mark.asyncio
+    async def test_check_succeeds(self, connector, kit_table):
+        await connector.check()
+        await connector.check(self.day_query(connector, kit_table))
+
+    @pytest.mark.asyncio
+    async def test_probe_count_equals_rows_fetched_in_a_half_open_day(self, connector, kit_table):
+        n = await self.fill(kit_table)
+        query = self.day_query(connector, kit_table)
+        probed = await connector.probe(query)
+        assert isinstance(probed, ProbeResult)
+        assert probed.rows == n, "the probe must count the rows of [start, end) only"
+        batches = await self.fetch_all(connector, query)
+        assert sum(b.num_rows for b in batches) == n
+        names = [c.lower() for c in batches[0].schema.names]
+        assert names == ["ts", "user_id", "event", "value"]
+        users = set()
+        for b in batches:
+            column = b.column(names.index("user_id")).to_pylist()
+            users.update(column)
+        assert users == {u for _, u, _, _ in day_rows(DAY, n)}, "fetch returned rows outside the day or lost some"
+
+    @pytest.mark.asyncio
+    async def test_batches_are_record_batches_of_at_most_batch_rows(self, connector, kit_table):
+        await self.fill(kit_table)
+        batches = await self.fetch_all(connector, self.day_query(connector, kit_table))
+        assert len(batches) >= 3
+        for b in batches:
+            assert isinstance(b, pa.RecordBatch), f"fetch yielded {type(b).__name__}, not a pyarrow.RecordBatch"
+            assert 0 < b.num_rows <= self.batch_rows
+
+    @pytest.mark.asyncio
+    async def test_an_empty_day_probes_zero_and_fetches_no_batch(self, connector, kit_table):
+        await kit_table.insert(neighbour_rows(DAY))
+        query = self.day_query(connector, kit_table)
+        assert (await connector.probe(query)).rows == 0
+        assert await self.fetch_all(connector, query) == []
+
+    @pytest.mark.asyncio
+    async def test_day_values_carrying_sql_cannot_change_the_query(self, connector, kit_table):
+        n = await self.fill(kit_table)
+        before = await self.counts(connector, kit_table)
+        assert before[1] == n
+        queries = [
+            self.day_query(connector, kit_table),
+            self.day_query(connector, kit_table, where="CAST(ts AS DATE) = {day}"),
+        ]
+        for base in queries:
+            for values in hostile_values(base.names, kit_table.name):
+                query = base.with_values(**values)
+                try:
+                    probed = await connector.probe(query)
+                    fetched = sum(b.num_rows for b in await self.fetch_all(connector, query))
+                except ConnectorError:
+                    continue
+                assert probed.rows == 0 and fetched == 0, f"values {values} changed what the query reads"
+        assert await self.counts(connector, kit_table) == before, "a day value changed the table"
+
+    @pytest.mark.asyncio
+    async def test_fingerprint_is_stable_and_sees_a_changed_value_at_equal_count(self, connector, kit_table):
+        if not connector.capabilities.fingerprint:
+            pytest.skip("the connector declares no fingerprint capability")
+        await self.fill(kit_table)
+        query = self.day_query(connector, kit_table)
+        first = await connector.probe(query)
+        second = await connector.probe(query)
+        assert first.fingerprint is not None
+        assert second == first, "two probes of unchanged data must give the same fingerprint"
+        user = day_rows(DAY, self.day_size())[7][1]
+        await kit_table.update_value(user, 123456.5)
+        changed = await connector.probe(query)
+        assert changed.rows == first.rows
+        assert changed.fingerprint != first.fingerprint, "a changed value at equal count must change the fingerprint"
+
+    @pytest.mark.asyncio
+    async def test_bad_sql_is_a_permanent_error(self, connector, kit_table):
+        await self.fill(kit_table)
+        caps = connector.capabilities
+        window = DayWindow.of(DAY)
+        bad = [
+            f"SELECT ts FROM ingestd_kit_no_such_table WHERE ts >= {{start}} AND ts < {{end}}",
+            f"SELECT no_such_column FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
+            f"SELEC ts FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
+        ]
+        for sql in bad:
+            query = render(sql, window, caps.paramstyle, quote=caps.quote)
+            with pytest.raises(PermanentError):
+                await connector.check(query)
+            with pytest.raises(PermanentError):
+                await connector.probe(query)
+            with pytest.raises(PermanentError):
+                await self.fetch_all(connector, query)
+
+    @pytest.mark.asyncio
+    async def test_an_abandoned_fetch_does_not_break_the_next_probe(self, connector, kit_table):
+        n = await self.fill(kit_table)
+        query = self.day_query(connector, kit_table)
+        stream = connector.fetch(query, self.batch_rows)
+        async for batch in stream:
+            assert batch.num_rows > 0
+            break
+        await stream.aclose()
+        assert (await connector.probe(query)).rows == n
+        assert sum(b.num_rows for b in await self.fetch_all(connector, query)) == n

@@ -1,0 +1,348 @@
+"""The built-in DuckDB connector (type `duckdb`): a DuckDB file as the warehouse.
+
+It is the embedded default: with `demo = true` the file is created with a few weeks of demo
+events and metrics (see `plugins.demo_warehouse`), and each newly completed UTC day "lands"
+before the next check, probe or fetch, so the daemon has something to load every day.
+
+    [connections.NAME]
+    type = "duckdb"
+
+    ## The warehouse file (required). Relative paths are taken from daemon.toml's folder.
+    path = "var/warehouse.duckdb"
+
+    ## Demo mode: when the file is missing, create it (and its folder) with the tables
+    ## events_raw and metrics_daily; before each check, probe or fetch, land every completed
+    ## UTC day since the first demo day that has not been landed yet. Days are generated from
+    ## their date, so the same day always has the same rows. A file that exists without the
+    ## demo tables is left untouched.
+    # demo = false
+
+    ## Demo mode: days of history created with a new demo warehouse, ending yesterday (UTC).
+    # demo_days = 21
+
+    ## Demo mode: event rows per demo day (about: fewer at weekends); metrics_daily gets a
+    ## fifth as many rows (one per user and metric).
+    # demo_rows_per_day = 5000
+
+    ## DuckDB worker threads per query.
+    # threads = 1
+
+Every call opens its own connection, read-only, and closes it when done: DuckDB allows one
+writing process per file, so the connector never holds a lock between calls and a process that
+writes the warehouse (a loader, a test) can do so in between. A lock held by another process is
+a `TransientError` (retried); bad SQL, a missing table or file is a `PermanentError`.
+
+The probe's fingerprint is `sum(hash(q)::HUGEINT)` over the rows of the day query: the order of
+rows does not matter, a changed value (NULL included) changes it at the same count, and equal
+duplicate rows do not cancel out. It depends on DuckDB's hash function, so a DuckDB upgrade
+may change every fingerprint once (the re-check then reloads the days in its lookback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+import pyarrow as pa
+import structlog
+
+from kernel import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
+                    SourceInfo, TransientError, hookimpl)
+
+from .demo_warehouse import ensure_demo_warehouse
+
+INGESTD_API = (1, 1)
+
+log = structlog.get_logger("ingestd.duckdb")
+T = TypeVar("T")
+
+__all__ = ["DuckDBConfig", "DuckDBConnector", "ensure_demo_warehouse", "ingestd_register"]
+
+
+@dataclass
+class DuckDBConfig:
+    path: Path
+    demo: bool = False
+    demo_days: int = 21
+    demo_rows_per_day: int = 5000
+    threads: int = 1
+
+    def validate(self) -> None:
+        if self.demo_days < 1:
+            raise ConfigError("demo_days", "must be at least 1")
+        if self.demo_rows_per_day < 1:
+            raise ConfigError("demo_rows_per_day", "must be at least 1")
+        if self.threads < 1:
+            raise ConfigError("threads", "must be at least 1")
+
+
+TRANSIENT = (duckdb.IOException, duckdb.ConnectionException, duckdb.TransactionException,
+             duckdb.OutOfMemoryException, duckdb.InterruptException)
+
+PERMANENT_WORDS = [
+    (duckdb.CatalogException, "the query names a table, view or function the warehouse does not have"),
+    (duckdb.ParserException, "the query is not valid SQL"),
+    (duckdb.BinderException, "the query refers to a column or type it cannot use"),
+    (duckdb.ConversionException, "a value could not be converted to the type the query needs"),
+]
+
+
+ERROR_KIND = re.compile(r"^[A-Za-z][A-Za-z ]{0,30} Error: ")
+
+
+def _detail(exc: duckdb.Error) -> str:
+    """DuckDB's message without its `Kind Error:` prefix and the caret drawing under the SQL."""
+    lines = []
+    for line in str(exc).splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return ERROR_KIND.sub("", " ".join(lines)) or type(exc).__name__
+
+
+def translate(exc: duckdb.Error, path: Path) -> ConnectorError:
+    """Sort a DuckDB error into the kernel's transient or permanent class, in plain words."""
+    detail = _detail(exc)
+    if isinstance(exc, TRANSIENT):
+        return TransientError(f"warehouse file {path} cannot be used right now: {detail}")
+    for cls, words in PERMANENT_WORDS:
+        if isinstance(exc, cls):
+            return PermanentError(f"{words}: {detail}")
+    return PermanentError(f"the warehouse refused the query: {detail}")
+
+
+class _Gate:
+    """In one process DuckDB refuses a read-write connection to a file next to read-only ones,
+    so the demo lander must have the file alone. Readers share it; the lander only runs when
+    no reader is open (else it tries again on a later call) and readers wait while it writes,
+    which takes well under a second for a day."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    def enter_reader(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._readers += 1
+
+    def leave_reader(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    def try_writer(self) -> bool:
+        with self._cond:
+            if self._writing or self._readers:
+                return False
+            self._writing = True
+            return True
+
+    def leave_writer(self) -> None:
+        with self._cond:
+            self._writing = False
+            self._cond.notify_all()
+
+
+_gates: dict[str, _Gate] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate_for(path: Path) -> _Gate:
+    with _gates_lock:
+        return _gates.setdefault(str(path), _Gate())
+
+
+class _Session:
+    """One connection's life. Worker threads take turns on it under `_lock` (a DuckDB connection
+    must not be used by two threads at once); `close`, from any thread, interrupts what runs
+    until the lock is free, then closes. DuckDB forgets an interrupt that comes before a query
+    starts, hence the repeated interrupts."""
+
+    def __init__(self, connect: Callable[[], duckdb.DuckDBPyConnection], gate: _Gate):
+        self._connect = connect
+        self._gate = gate
+        self._lock = threading.Lock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._reading = False
+        self._stopping = False
+        self.on_close: list[Callable[[], object]] = []
+
+    def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        with self._lock:
+            if self._stopping:
+                raise TransientError("the call was stopped")
+            if self._con is None:
+                self._gate.enter_reader()
+                self._reading = True
+                self._con = self._connect()
+            return work(self._con)
+
+    def close(self) -> None:
+        self._stopping = True
+        while not self._lock.acquire(timeout=0.05):
+            con = self._con
+            if con is not None:
+                with contextlib.suppress(Exception):
+                    con.interrupt()
+        try:
+            for close in self.on_close:
+                with contextlib.suppress(Exception):
+                    close()
+            self.on_close.clear()
+            if self._con is not None:
+                with contextlib.suppress(Exception):
+                    self._con.close()
+                self._con = None
+            if self._reading:
+                self._reading = False
+                self._gate.leave_reader()
+        finally:
+            self._lock.release()
+
+
+def _next_batch(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+
+
+class DuckDBConnector(Connector):
+    type_name = "duckdb"
+    config_model = DuckDBConfig
+    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"')
+
+    FINGERPRINT = "sum(hash(q)::HUGEINT)"
+
+    def __init__(self, config: DuckDBConfig, *, name: str):
+        super().__init__(config, name=name)
+        self.path = Path(config.path).expanduser()
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        self._gate = _gate_for(self.path.resolve())
+        self._landed_for: dt.date | None = None
+
+    # -- demo ----------------------------------------------------------------------------------
+
+    async def _land(self) -> None:
+        """Demo mode: make sure every completed day is in the file (at most one try per call)."""
+        if not self.config.demo:
+            return
+        today = self.clock().astimezone(dt.UTC).date()
+        if self._landed_for == today:
+            return
+        if await asyncio.to_thread(self._land_blocking, today):
+            self._landed_for = today
+
+    def _land_blocking(self, today: dt.date) -> bool:
+        if not self._gate.try_writer():
+            return False
+        try:
+            days = ensure_demo_warehouse(self.path, today=today, days=self.config.demo_days,
+                                         rows_per_day=self.config.demo_rows_per_day)
+        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            if self.path.exists():
+                log.info("demo.land_deferred", connection=self.name, reason=_detail(exc))
+                return False
+            raise translate(exc, self.path) from exc
+        except duckdb.Error as exc:
+            raise translate(exc, self.path) from exc
+        except OSError as exc:
+            raise PermanentError(f"cannot create the demo warehouse {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            self._gate.leave_writer()
+        if days:
+            log.info("demo.landed", connection=self.name, path=str(self.path), first=str(days[0]),
+                     last=str(days[-1]), days=len(days))
+        return True
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A read-only connection in UTC, or a PermanentError when the file is not there."""
+        if not self.path.exists():
+            hint = "" if self.config.demo else " (set demo = true to create a demo warehouse there)"
+            raise PermanentError(f"warehouse file {self.path} does not exist{hint}")
+        con = duckdb.connect(str(self.path), read_only=True)
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET enable_progress_bar = false")
+            con.execute(f"SET threads = {int(self.config.threads)}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    async def _call(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `work` on a connection of its own in a worker thread; a cancelled call interrupts
+        the query instead of leaving it running."""
+        session = _Session(self._connect, self._gate)
+        try:
+            return await asyncio.to_thread(session.run, work)
+        except duckdb.Error as exc:
+            raise translate(exc, self.path) from exc
+        finally:
+            await asyncio.to_thread(session.close)
+
+    # -- the connector API ---------------------------------------------------------------------
+
+    async def check(self, query: DayQuery | None = None) -> None:
+        await self._land()
+        if query is None:
+            await self._call(lambda con: con.execute("SELECT 1").fetchall())
+        else:
+            await self._call(lambda con: con.execute(f"SELECT * FROM ({query.sql}) q LIMIT 0",
+                                                     query.params).fetchall())
+
+    async def probe(self, query: DayQuery, source: SourceInfo | None = None) -> ProbeResult:
+        await self._land()
+        sql = f"SELECT count(*), {self.FINGERPRINT} FROM ({query.sql}) q"
+        rows, fp = await self._call(lambda con: con.execute(sql, query.params).fetchone())
+        return ProbeResult(int(rows), format(int(fp or 0), "x"))
+
+    async def fetch(self, query: DayQuery, batch_rows: int,
+                    source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be at least 1")
+        await self._land()
+        session = _Session(self._connect, self._gate)
+
+        def start(con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
+            reader = con.sql(query.sql, params=query.params).to_arrow_reader(batch_rows)
+            session.on_close.append(reader.close)
+            return reader
+
+        try:
+            try:
+                reader = await asyncio.to_thread(session.run, start)
+            except duckdb.Error as exc:
+                raise translate(exc, self.path) from exc
+            while True:
+                try:
+                    batch = await asyncio.to_thread(session.run, lambda con: _next_batch(reader))
+                except duckdb.Error as exc:
+                    raise translate(exc, self.path) from exc
+                if batch is None:
+                    return
+                for offset in range(0, batch.num_rows, batch_rows):
+                    yield batch.slice(offset, batch_rows)
+        finally:
+            await asyncio.to_thread(session.close)
+
+    async def close(self) -> None:
+        """Nothing to release: every call closes its own connection."""
+
+
+@hookimpl
+def ingestd_register(registry):
+    registry.add_connector(DuckDBConnector)
