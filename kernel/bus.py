@@ -34,6 +34,20 @@ if TYPE_CHECKING:
 log = logs.get("ingestd.bus")
 
 
+async def _first_failure(*coros) -> None:
+    """Run coroutines together; when one fails, cancel the others and raise its error."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def base_topic(bus: BusSection, instance: str) -> str:
     return bus.base_topic or f"ingestd/{instance}"
 
@@ -90,11 +104,8 @@ class Bus:
                     self.connected.set()
                     self.dirty_sources |= set(self.daemon.config.sources)
                     self.pending.set()
-                    async with asyncio.TaskGroup() as group:
-                        group.create_task(self._drain_outbox(client))
-                        group.create_task(self._serve_requests(client))
-            except* aiomqtt.MqttError as group_exc:
-                exc = group_exc.exceptions[0]
+                    await _first_failure(self._drain_outbox(client), self._serve_requests(client))
+            except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self.client = None
                 if self.closing:

@@ -182,9 +182,10 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
 
     async def fetch_stage() -> None:
         try:
-            async for batch in conn.fetch(query, rt.batch_rows(source), rt.source_info(source)):
-                stats["fetched"] += batch.num_rows
-                await fetched_q.put(batch)
+            async with contextlib.aclosing(conn.fetch(query, rt.batch_rows(source), rt.source_info(source))) as stream:
+                async for batch in stream:
+                    stats["fetched"] += batch.num_rows
+                    await fetched_q.put(batch)
             await fetched_q.put(_DONE)
         except BaseException as exc:
             await fetched_q.put(exc)

@@ -29,7 +29,9 @@ class Mosquitto:
         self.folder = folder
         self.port = port or free_port()
         self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\npersistence false\n{extra_conf}")
+        # `user root` matters only when the tests run as root: mosquitto would otherwise drop to the
+        # mosquitto user, which cannot read the test's password file or write its persistence file.
+        self.conf.write_text(f"user root\nlistener {self.port} 127.0.0.1\npersistence false\n{extra_conf}")
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 

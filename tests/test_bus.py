@@ -213,6 +213,7 @@ def test_bad_requests_get_an_error_answer_and_change_nothing(tmp_path, warehouse
     watcher = Collector(broker.port, ["ingestd/test/state"])
     try:
         wait_for(lambda: any(p.get("state") == "online" for _, p, _ in watcher.messages), what="online")
+        wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM windows"), what="start-up catch-up")
         before = state_query(tmp_path / "state.db", "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
         for command, payload, message in BAD_REQUESTS:
             answer, _, _ = asyncio.run(request(broker.port, command, payload))
@@ -295,7 +296,7 @@ def test_contrib_acl_lets_only_the_operator_trigger_a_backfill(tmp_path, warehou
     conf = (conf.replace("/etc/mosquitto/ingestd.passwd", str(passwd)).replace("/etc/mosquitto/ingestd.acl", str(acl))
             .replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
     broker = Mosquitto(folder, port=port, extra_conf="")
-    broker.conf.write_text(conf + "\npersistence false\n")
+    broker.conf.write_text(conf + "\npersistence false\nuser root\n")
     broker.start()
     (folder / "bus-password").write_text(users["ingestd"])
     warehouse.add_events(D, 10)

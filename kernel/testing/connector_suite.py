@@ -54,10 +54,6 @@ class KitTable(Protocol):
         """Set `value` of the row(s) of `user_id` in place: the row count does not change."""
 
 
-def _midday(day: dt.date) -> dt.datetime:
-    return dt.datetime(day.year, day.month, day.day, 12)
-
-
 def day_rows(day: dt.date, n: int, prefix: str = "u") -> list[tuple[dt.datetime, str, str, float]]:
     """`n` rows spread over `day`, the first one exactly at its start (midnight UTC)."""
     start = dt.datetime(day.year, day.month, day.day)
