@@ -61,18 +61,18 @@ def validate_cron(expr: str) -> str | None:
             return f"{bad} (nicknames are not supported; write 5 fields, e.g. '0 0 * * *' for daily)"
         return f"{bad} (expected 5 fields: minute hour day-of-month month day-of-week; got {len(fields)})"
     for text, (name, lo, hi, names) in zip(fields, _FIELDS):
-        for item in text.lower().split(","):
-            m = _ITEM.fullmatch(item)
+        for item in text.split(","):
+            m = _ITEM.fullmatch(item.lower())
             if m is None:
                 return f"{bad} ({name} field {text!r}: only numbers, names, '*', ',', '-' and '/' are allowed)"
             first, last, step = m.groups()
-            for tok in (first, last):
+            for tok, raw in zip((first, last), re.split(r"[-/]", item)):
                 if tok is None:
                     continue
                 value = int(tok) if tok.isdigit() else names.get(tok)
                 if value is None:
-                    kind = f"a number or a {name[:3]} name" if names else "a number"
-                    return f"{bad} ({name} field: {tok!r} is not {kind})"
+                    kind = {"month": "a number or jan-dec", "day-of-week": "a number or sun-sat"}.get(name, "a number")
+                    return f"{bad} ({name} field: {raw!r} is not {kind})"
                 if not lo <= value <= hi:
                     return f"{bad} ({name} {value} is out of range {lo}-{hi})"
             if step is not None and int(step) == 0:
@@ -80,7 +80,7 @@ def validate_cron(expr: str) -> str | None:
     try:
         croniter(expr, dt.datetime(2026, 1, 1)).get_next(dt.datetime)
     except CroniterError as exc:  # e.g. '0 0 30 2 *' never matches
-        return f"{bad} ({exc})"
+        return f"{bad} (it never matches a date: {exc})"
     return None
 
 

@@ -204,11 +204,11 @@ def test_matches_minute_by_minute_reference(zone, first, expr):
     ("* * * *", "expected 5 fields"),
     ("0 0 * * * *", "expected 5 fields"),         # croniter's seconds field
     ("@daily", "nicknames are not supported"),
-    ("0 0 L * *", "'l' is not a number"),
+    ("0 0 L * *", "'L' is not a number"),
     ("0 0 * * 1#2", "only numbers, names"),
-    ("H * * * *", "'h' is not a number"),
+    ("H * * * *", "'H' is not a number"),
     ("*/0 * * * *", "a step must be at least 1"),
-    ("0 0 30 2 *", "not a cron expression"),      # never matches
+    ("0 0 30 2 *", "never matches a date"),
     ("0 25 * * *", "hour 25 is out of range 0-23"),
 ])
 def test_validate_cron_rejects(expr, fragment):

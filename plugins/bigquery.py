@@ -1,0 +1,2 @@
+"""Being written."""
+INGESTD_API = (1, 1)
