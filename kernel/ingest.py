@@ -117,10 +117,12 @@ async def _load(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_i
         stats = await with_retry(
             rt, "load", lambda: _stream(rt, source, day, generation, run_id),
             source=source, day=day.isoformat(), run_id=run_id, generation=generation)
-    except Exception as exc:  # every failure is recorded on the run, with its reason
-        transient = isinstance(exc, TransientError)
+    except (Exception, asyncio.CancelledError) as exc:  # every failure is recorded on the run, with its reason
+        transient = isinstance(exc, (TransientError, asyncio.CancelledError))
         reason = str(exc) or type(exc).__name__
-        if not isinstance(exc, (TransientError, PermanentError, RejectLimitExceeded)):
+        if isinstance(exc, asyncio.CancelledError):
+            reason = "cancelled: the daemon stopped before the load finished; the previous generation was kept"
+        elif not isinstance(exc, (TransientError, PermanentError, RejectLimitExceeded)):
             log.error("load.error", source=source, day=day.isoformat(), run_id=run_id, exc_info=exc)
             reason = f"{type(exc).__name__}: {reason}"
         stats = getattr(exc, "stats", None) or {}
@@ -187,6 +189,8 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
                     stats["fetched"] += batch.num_rows
                     await fetched_q.put(batch)
             await fetched_q.put(_DONE)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
             await fetched_q.put(exc)
             raise
@@ -203,6 +207,8 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
                 if mapped.rows.num_rows:
                     await mapped_q.put(mapped.rows)
             await mapped_q.put(_DONE)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
             await mapped_q.put(exc)
             raise

@@ -38,8 +38,9 @@ def lookback(rt: Runtime, source: str, newest: dt.date) -> list[dt.date]:
 
 
 async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
-    """Load, oldest first, every day in the look-back range that holds no generation yet: the
-    newest day and any missed while the daemon was down. Days not landed stay for the next window."""
+    """Load, oldest first, every day in the look-back range that holds no generation yet or
+    whose last load failed: the newest day, any missed while the daemon was down, and retries.
+    Days not landed stay for the next window."""
     newest = newest_day(rt, source, now)
     done: dict[dt.date, str] = {}
     if newest is None:
@@ -48,7 +49,7 @@ async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt
         if rt.stopping.is_set():
             break
         part = await rt.state.partition(source, day)
-        if part and part.generation > 0:
+        if part and part.generation > 0 and part.status != "failed":
             continue
         outcome = await load_partition(rt, source, day, "scheduled")
         done[day] = outcome.status

@@ -188,3 +188,64 @@ def state_query(state_db: Path, sql: str, params=()):
         return []
     finally:
         con.close()
+
+
+FAULT_PLUGIN = '''
+"""Test doubles for faults that a local DuckDB cannot produce on demand:
+- connector `flakyduck`: the DuckDB connector whose fetch drops "the connection" after the
+  first batch while the file INGESTD_TEST_DROPS holds a number > 0 (decremented per drop);
+- sink `fullduck`: the DuckDB sink whose write runs out of space after two batches while the
+  file INGESTD_TEST_DISK_FULL exists."""
+import errno, os
+from pathlib import Path
+from kernel import TransientError, hookimpl
+from plugins.duckdb_connector import DuckDBConnector
+from plugins.duckdb_sink import DuckDBSink
+
+INGESTD_API = (1, 1)
+
+
+def _take_drop():
+    marker = Path(os.environ["INGESTD_TEST_DROPS"])
+    left = int(marker.read_text() or 0) if marker.exists() else 0
+    if left > 0:
+        marker.write_text(str(left - 1))
+        return True
+    return False
+
+
+class FlakyDuck(DuckDBConnector):
+    type_name = "flakyduck"
+
+    async def fetch(self, query, batch_rows, source=None):
+        first = True
+        async for batch in super().fetch(query, batch_rows, source):
+            yield batch
+            if first and _take_drop():
+                raise TransientError("connection reset by peer (simulated drop)")
+            first = False
+
+
+class FullDuck(DuckDBSink):
+    type_name = "fullduck"
+
+    async def replace(self, target, batches):
+        async def limited():
+            n = 0
+            async for b in batches:
+                n += 1
+                if n > 2 and Path(os.environ["INGESTD_TEST_DISK_FULL"]).exists():
+                    raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+                yield b
+        return await super().replace(target, limited())
+
+
+@hookimpl
+def ingestd_register(registry):
+    registry.add_connector(FlakyDuck)
+    registry.add_sink(FullDuck)
+'''
+
+
+def fault_plugin(folder: Path) -> Path:
+    return plugin_dist(folder / "plugins-faults", "faults_plugin", FAULT_PLUGIN)
