@@ -13,6 +13,7 @@ import contextlib
 import random
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -178,6 +179,10 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
     query = rt.day_query(source, day)
     mapper = RowMapper(src.kind, src.mapping, query.window, source=source, generation=generation,
                        ingested_at=dt.datetime.now(dt.UTC))
+    # One thread per load maps batches in order; closing the mapper on that thread waits for a
+    # mapping still running when the load is cancelled.
+    loop = asyncio.get_running_loop()
+    map_thread = ThreadPoolExecutor(1, thread_name_prefix="ingestd-map")
     fetched_q: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
     mapped_q: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
     stats: dict[str, Any] = {"fetched": 0, "rejected": 0, "written": 0, "reasons": Counter(), "samples": []}
@@ -200,7 +205,7 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
             while (item := await fetched_q.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                mapped = await asyncio.to_thread(mapper.map, item)
+                mapped = await loop.run_in_executor(map_thread, mapper.map, item)
                 stats["rejected"] += sum(mapped.rejects.values())
                 stats["reasons"].update(mapped.rejects)
                 stats["samples"].extend(mapped.samples)
@@ -240,7 +245,10 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
-        mapper.close()
+        try:
+            await asyncio.shield(loop.run_in_executor(map_thread, mapper.close))
+        finally:
+            map_thread.shutdown(wait=False)
     stats["reasons"] = dict(stats["reasons"])
     return stats
 
