@@ -210,6 +210,9 @@ class Daemon:
                 self.spawn(conn.close(), f"close-{name}")
         if getattr(self, "_reschedule", None):
             self._reschedule(dt.datetime.now(dt.UTC))
+        for name in added + changed:
+            if new.sources[name].enabled:
+                self._start_window(name, "due", lambda n=name: run_due(rt, n, dt.datetime.now(dt.UTC)))
         self.wake.set()
         log.info("config.reloaded", added=added, removed=removed, changed=changed)
         self.notifier.ready(self.status_line())

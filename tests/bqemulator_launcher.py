@@ -2,7 +2,8 @@
 
 bqemulator installs and loads DuckDB's `spatial` extension at start, which downloads it and so
 cannot work without network access; the tests use no GEOGRAPHY, so that step is replaced with a
-no-op before the emulator's own CLI runs. Usage:
+no-op before the emulator's own CLI runs (and the `avro` extension, also a download, is
+not loaded unless BQEMU_ENABLE_FORMAT_EXTENSIONS says so). Usage:
 
     .venvs/bqemulator/bin/python tests/bqemulator_launcher.py REST_PORT GRPC_PORT [PROJECT]
 
@@ -12,6 +13,7 @@ on 127.0.0.1, in memory, until it is terminated.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -20,6 +22,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: bqemulator_launcher.py REST_PORT GRPC_PORT [PROJECT]")
     rest_port, grpc_port = argv[0], argv[1]
     project = argv[2] if len(argv) == 3 else "test"
+
+    # Its Avro load/extract support downloads DuckDB's `avro` extension too: off, unless asked.
+    os.environ.setdefault("BQEMU_ENABLE_FORMAT_EXTENSIONS", "false")
 
     from bqemulator.storage.engine import DuckDBEngine
 

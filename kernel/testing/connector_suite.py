@@ -1,6 +1,7 @@
 """The connector half of the conformance kit.
 
-A connector author subclasses `ConnectorSuite` in a test module and provides two fixtures:
+A connector author subclasses `ConnectorSuite` in a test module and provides two fixtures (a third
+is optional):
 
     from kernel.testing import ConnectorSuite
 
@@ -17,12 +18,18 @@ A connector author subclasses `ConnectorSuite` in a test module and provides two
         async def kit_table(self, connector): # a KitTable over an EMPTY table
             ...                               # ts TIMESTAMP, user_id VARCHAR, event VARCHAR, value DOUBLE
 
+        @pytest.fixture                       # optional: enables the unreachable-warehouse test
+        def broken_connector(self):           # a connector whose warehouse cannot be used
+            return MyConnector(MyConfig(host="127.0.0.1", port=1), name="kit-broken")
+
 The suite then checks what the kernel relies on: probe and fetch agree on a half-open day
 window, batches are bounded Arrow record batches, an empty day yields nothing, day values
 are bound parameters (never SQL text), fingerprints are stable and see a changed value at
-equal count, errors are sorted into the kernel's classes, and an abandoned fetch leaves the
-connector usable. The tests are marked `asyncio`, so they run in pytest-asyncio's strict mode
-too (the author's async fixtures then need `@pytest_asyncio.fixture`).
+equal count, errors are sorted into the kernel's classes (bad SQL is permanent; an unreachable
+warehouse raises `TransientError` or `PermanentError`, never a driver's own exception), and an
+abandoned fetch leaves the connector usable. The tests are marked `asyncio`, so they run in
+pytest-asyncio's strict mode too (the author's async fixtures then need
+`@pytest_asyncio.fixture`). The pytest plugin `kernel.testing.plugin` marks them `ingestd_kit`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import pyarrow as pa
 import pytest
 
 from ..contracts import Connector, ProbeResult
-from ..errors import ConnectorError, PermanentError
+from ..errors import ConnectorError, PermanentError, TransientError
 from ..query import DayQuery, DayWindow, render
 
 DAY = dt.date(2026, 3, 10)
@@ -100,6 +107,12 @@ class ConnectorSuite:
     `connector` and `kit_table` (see the module docstring)."""
 
     batch_rows: ClassVar[int] = 100
+
+    @pytest.fixture
+    def broken_connector(self):
+        """Override with a connector whose warehouse cannot be reached or refuses it (a closed
+        port, bad credentials, a missing file or folder); without it that test is skipped."""
+        return None
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -219,6 +232,25 @@ class ConnectorSuite:
                 await connector.probe(query)
             with pytest.raises(PermanentError):
                 await self.fetch_all(connector, query)
+
+    @pytest.mark.asyncio
+    async def test_an_unreachable_warehouse_raises_the_kernels_error_classes(self, broken_connector):
+        if broken_connector is None:
+            pytest.skip("no `broken_connector` fixture: provide one whose warehouse cannot be used")
+        caps = broken_connector.capabilities
+        query = render("SELECT 1 AS x WHERE {day} IS NOT NULL", DayWindow.of(DAY), caps.paramstyle, quote=caps.quote)
+        calls = [("check()", broken_connector.check), ("check(query)", lambda: broken_connector.check(query)),
+                 ("probe", lambda: broken_connector.probe(query)),
+                 ("fetch", lambda: self.fetch_all(broken_connector, query))]
+        for what, call in calls:
+            try:
+                await call()
+            except (TransientError, PermanentError):
+                continue
+            except Exception as exc:
+                pytest.fail(f"{what} raised {type(exc).__module__}.{type(exc).__name__}: {exc}; sort it into "
+                            "kernel.TransientError (a retry may help) or kernel.PermanentError (it will not)")
+            pytest.fail(f"{what} succeeded on a warehouse that cannot be used")
 
     @pytest.mark.asyncio
     async def test_an_abandoned_fetch_does_not_break_the_next_probe(self, connector, kit_table):

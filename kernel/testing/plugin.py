@@ -1,3 +1,195 @@
-"""pytest plugin (entry point `pytest11`): makes the conformance kit's suites available."""
+"""The conformance kit's pytest plugin (entry point `pytest11`, name `ingestd`).
 
-from kernel.testing import ConnectorSuite, SinkSuite  # noqa: F401
+Installing ingestd registers it, so every pytest run in that environment has it; where plugin
+autoloading is off (`PYTEST_DISABLE_PLUGIN_AUTOLOAD`), add `-p kernel.testing.plugin` or
+`pytest_plugins = ["kernel.testing.plugin"]` in a conftest.py. It needs pytest-asyncio (the
+kit's tests are async): `pip install pytest pytest-asyncio`.
+
+A connector author's whole conformance test (the suite is `kernel.testing.ConnectorSuite`):
+
+    import pytest_asyncio
+    from kernel.testing import ConnectorSuite
+
+    class TestMyWarehouse(ConnectorSuite):
+        @pytest_asyncio.fixture
+        async def connector(self):                  # an opened connector on a test warehouse
+            c = MyConnector(MyConfig(dsn=...), name="kit")
+            yield c
+            await c.close()
+
+        @pytest_asyncio.fixture
+        async def kit_table(self, connector):      # an empty table the kit fills (a KitTable)
+            return MyKitTable(...)                 # name, insert(rows), update_value(user, value)
+
+A sink author's (`kernel.testing.SinkSuite`):
+
+    class TestMySink(SinkSuite):
+        @pytest_asyncio.fixture
+        async def sink(self, tmp_path):
+            s = MySink(MySinkConfig(path=str(tmp_path / "store")), name="kit")
+            await s.open()
+            yield s
+            await s.close()
+
+What the plugin adds:
+
+- marker `ingestd_kit` on every test a suite contributes: `pytest -m ingestd_kit` runs only the
+  kit, `-m "not ingestd_kit"` only the author's own tests;
+- fixture `ingestd_daemon`: the real `ingestd` CLI on a daemon.toml in `tmp_path` (a DuckDB sink,
+  no MQTT), for end-to-end tests of an installed plugin:
+
+      def test_end_to_end(ingestd_daemon):
+          ingestd_daemon.write_config('''
+              [connections.wh]
+              type = "mywarehouse"
+              ...
+              [sources.orders]
+              connection = "wh"
+              ...
+          ''')
+          out = ingestd_daemon.run("run", "--once", "--now", "2026-11-21T07:00:00Z")
+          assert out.returncode == 0, out.stderr
+          assert ingestd_daemon.rows("orders", datetime.date(2026, 11, 20)) == 1000
+          assert ingestd_daemon.plugin("mywarehouse")["error"] is None
+
+- a clear usage error when the kit's tests are collected without pytest-asyncio;
+- a report header line naming the plugin API version the kit checks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernel import API_VERSION
+from kernel.testing import ConnectorSuite, KitTable, SinkSuite
+
+__all__ = ["ConnectorSuite", "DaemonHarness", "KitTable", "SinkSuite"]
+
+MARKER = "ingestd_kit"
+SUITES = (ConnectorSuite, SinkSuite)
+
+
+# -- hooks ---------------------------------------------------------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{MARKER}: a test of the ingestd conformance kit (ConnectorSuite, SinkSuite)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"ingestd conformance kit: plugin API {API_VERSION}"
+
+
+def _kit_test(item: pytest.Item) -> bool:
+    cls = getattr(item, "cls", None)
+    if cls is None or not issubclass(cls, SUITES):
+        return False
+    name = getattr(item, "originalname", item.name)
+    return any(name in vars(suite) for suite in SUITES if issubclass(cls, suite))
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    kit = [item for item in items if _kit_test(item)]
+    for item in kit:
+        item.add_marker(MARKER)
+    if kit and not config.pluginmanager.hasplugin("asyncio"):
+        raise pytest.UsageError("the ingestd conformance kit's tests are async and need pytest-asyncio: "
+                                "pip install pytest-asyncio (and do not disable it with -p no:asyncio)")
+
+
+# -- the end-to-end harness ------------------------------------------------------------------
+
+DEFAULT_SINK = 'type = "duckdb"\npath = "analytics.duckdb"'
+
+
+class DaemonHarness:
+    """The real `ingestd` CLI on a config in `folder`. `write_config` adds `[daemon]` (state
+    store in the folder, quick retries), `[bus]` (off) and `[sinks.main]` (a DuckDB file,
+    `analytics.duckdb`) around the connection and source tables it is given."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.config = self.folder / "daemon.toml"
+        self.sink_path = self.folder / "analytics.duckdb"
+
+    def write_config(self, body: str, *, daemon: str = "", sink: str = DEFAULT_SINK) -> Path:
+        """Write daemon.toml: `body` holds `[connections.*]` and `[sources.*]` tables; `daemon`
+        extra `[daemon]` keys; `sink` the body of `[sinks.main]`."""
+        head = "\n".join([
+            "[daemon]", 'state_path = "state.db"', "retry_attempts = 2", "retry_base_seconds = 0.05",
+            "retry_max_seconds = 0.2", textwrap.dedent(daemon).strip(), "",
+            "[bus]", "enabled = false", "",
+            "[sinks.main]", textwrap.dedent(sink).strip(), "",
+        ])
+        self.config.write_text(head + "\n" + textwrap.dedent(body).strip() + "\n")
+        return self.config
+
+    @staticmethod
+    def command() -> list[str]:
+        """The installed `ingestd` script beside this Python, else `python -m kernel.cli`."""
+        script = shutil.which("ingestd", path=str(Path(sys.executable).parent))
+        return [script] if script else [sys.executable, "-m", "kernel.cli"]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment without the caller's INGESTD_* variables, plus `extra`."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+        """`ingestd -c daemon.toml ARGS...`, output captured as text."""
+        cmd = [*self.command(), "-c", str(self.config), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=self.folder, timeout=timeout,
+                              env=self.env(**(env or {})))
+        if check and done.returncode != 0:
+            raise AssertionError(f"ingestd {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def plugins(self, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """`ingestd plugins --json`: every plugin's name, distribution, version, api, types, error."""
+        cmd = [*self.command(), "plugins", "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=self.env(**(env or {})))
+        if done.returncode != 0:
+            raise AssertionError(f"ingestd plugins exited {done.returncode}\n{done.stderr}")
+        return json.loads(done.stdout)
+
+    def plugin(self, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """One plugin's entry of `plugins()`, by plugin name or by a type it provides."""
+        for info in self.plugins(env):
+            if name == info["name"] or name in info["connectors"] or name in info["sinks"]:
+                return info
+        raise AssertionError(f"no plugin named {name!r} or providing type {name!r} is installed")
+
+    def sink_query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+        """Rows of a query on the DuckDB sink file (views `events` and `metrics`), read-only."""
+        import duckdb
+        with duckdb.connect(str(self.sink_path), read_only=True) as con:
+            return con.execute(sql, list(params)).fetchall()
+
+    def rows(self, source: str, day: dt.date, kind: str = "events") -> int:
+        """Rows the sink holds (its visible generation) for one source and day."""
+        if kind not in ("events", "metrics"):
+            raise ValueError("kind is events or metrics")
+        return self.sink_query(f"SELECT count(*) FROM {kind} WHERE source = ? AND day = ?", [source, day])[0][0]
+
+    def generation(self, source: str, day: dt.date, kind: str = "events") -> int | None:
+        """The visible generation of one source and day in the DuckDB sink, or None."""
+        found = self.sink_query("SELECT generation FROM partitions WHERE kind = ? AND source = ? AND day = ?",
+                                [kind, source, day])
+        return found[0][0] if found else None
+
+
+@pytest.fixture
+def ingestd_daemon(tmp_path: Path) -> DaemonHarness:
+    """The real `ingestd` CLI on a daemon.toml in `tmp_path` (see `DaemonHarness`)."""
+    return DaemonHarness(tmp_path)

@@ -1,0 +1,178 @@
+"""ingestd as a service: systemd's notify protocol on a datagram socket this test binds (no
+systemd needed), signals against a real `ingestd run` process, and no secret in any output."""
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import (ROOT, cli_env, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for,
+                           write_config)
+
+D = dt.date(2026, 11, 20)
+
+
+class NotifySocket:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ingestd-n")  # short: AF_UNIX paths are limited to 108 bytes
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+
+    def pump(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                data = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            for line in data.split("\n"):
+                self.messages.append((time.monotonic(), line))
+
+    def until(self, line_start: str, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(l.startswith(line_start) for _, l in self.messages):
+                return
+            self.pump(0.2)
+        raise AssertionError(f"no {line_start} in {self.messages}")
+
+    def lines(self, start: str) -> list[str]:
+        return [l for _, l in self.messages if l.startswith(start)]
+
+    def close(self):
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def notify():
+    n = NotifySocket()
+    yield n
+    n.close()
+
+
+def test_notify_ready_status_watchdog_reloading_stopping(tmp_path, warehouse, notify):
+    warehouse.add_events(D, 100)
+    cfg = write_config(tmp_path, schedule='["0 0 1 1 *"]', recheck="[]", lookback=1)
+    env = cli_env(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
+    proc = spawn_ingestd("run", config=cfg, env=env)
+    try:
+        notify.until("READY=1")
+        assert (tmp_path / "state.db").exists()  # the state store is up before READY
+        assert notify.messages[0][1] == "READY=1"
+        notify.pump(2.5)
+        pings = [t for t, l in notify.messages if l == "WATCHDOG=1"]
+        assert len(pings) >= 4, notify.messages  # every half interval (0.5 s), from the event loop
+        assert notify.lines("STATUS=")
+        proc.send_signal(signal.SIGHUP)
+        notify.until("RELOADING=1")
+        assert any(l.startswith("MONOTONIC_USEC=") for _, l in notify.messages)
+        ready_after_reload = [i for i, (_, l) in enumerate(notify.messages) if l == "READY=1"]
+        notify.pump(1.0)
+        assert len([l for _, l in notify.messages if l == "READY=1"]) >= 2 or ready_after_reload
+        proc.send_signal(signal.SIGTERM)
+        notify.until("STOPPING=1")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+YESTERDAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
+def _daemon_loading_yesterday(tmp_path, warehouse, grace: float, slow: str):
+    """A daemon whose start-up catch-up is loading yesterday (the real clock's), slowly."""
+    warehouse.add_events(YESTERDAY, 20_000)
+    cfg = write_config(tmp_path, connection_type="slowduck", schedule='["0 0 * * *"]', recheck="[]", lookback=1,
+                       extra_daemon=f"shutdown_grace_seconds = {grace}")
+    proc = spawn_ingestd("run", config=cfg, env=cli_env([slow_plugin(tmp_path)], INGESTD_TEST_SLOW_S=slow))
+    wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM runs WHERE status = 'running'"),
+             what="a running load")
+    return proc
+
+
+def test_sigterm_lets_a_running_load_finish_within_the_grace_period(tmp_path, warehouse):
+    proc = _daemon_loading_yesterday(tmp_path, warehouse, grace=60, slow="0.1")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert state_query(tmp_path / "state.db", "SELECT status, rows_written FROM runs") == [("succeeded", 20_000)]
+    assert sink_rows(tmp_path / "analytics.duckdb", "orders", YESTERDAY) == 20_000
+
+
+def test_sigterm_rolls_back_a_load_that_outlasts_the_grace_period(tmp_path, warehouse):
+    proc = _daemon_loading_yesterday(tmp_path, warehouse, grace=0.5, slow="0.3")
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    runs = state_query(tmp_path / "state.db", "SELECT status, reason FROM runs")
+    assert runs[-1][0] == "failed" and runs[-1][1].startswith("cancelled"), runs
+    assert sink_rows(tmp_path / "analytics.duckdb", "orders", YESTERDAY) == 0
+    import duckdb
+    with duckdb.connect(str(tmp_path / "analytics.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM events_data").fetchone()[0] == 0
+
+
+def test_sighup_adds_a_source_and_refuses_an_invalid_config(tmp_path, warehouse, notify):
+    warehouse.add_events(YESTERDAY, 100)
+    cfg = write_config(tmp_path, schedule='["0 0 1 1 *"]', recheck="[]", lookback=1)
+    env = cli_env(NOTIFY_SOCKET=notify.path)
+    proc = spawn_ingestd("run", config=cfg, env=env)
+    try:
+        notify.until("READY=1")
+        good = cfg.read_text()
+        cfg.write_text(good + '\n[sources.bad]\nconnection = "wh"\n')  # missing keys: refused
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        assert proc.poll() is None
+        added = good + (
+            '\n[sources.copy]\nconnection = "wh"\nkind = "events"\n'
+            'query = "SELECT ts, user_id, event, value FROM events_raw WHERE ts >= {start} AND ts < {end}"\n'
+            'schedule = ["0 0 * * *"]\n[sources.copy.recheck]\nlookback_days = 1\n'
+            '[sources.copy.mapping]\ntimestamp = "ts"\nevent_name = "event"\nids = { user_id = "user_id" }\n')
+        cfg.write_text(added)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: state_query(tmp_path / "state.db",
+                                     "SELECT 1 FROM runs WHERE source = 'copy' AND status = 'succeeded'"),
+                 what="the added source to load")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    refused = [json.loads(l) for l in out.splitlines() if '"config.reload_refused"' in l]
+    assert refused and "sources.bad.kind: missing" in refused[0]["error"]
+    reloaded = [json.loads(l) for l in out.splitlines() if '"config.reloaded"' in l]
+    assert reloaded and reloaded[0]["added"] == ["copy"]
+
+
+def test_logs_are_json_lines_with_stable_keys(tmp_path, warehouse):
+    warehouse.add_events(D, 10)
+    cfg = write_config(tmp_path, lookback=1)
+    out = subprocess.run([str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3",
+                          "-m", "kernel.cli", "-c", str(cfg), "run", "--once", "--now", "2026-11-21T06:05:00Z"],
+                         capture_output=True, text=True, env=cli_env(), timeout=120)
+    lines = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
+    done = [l for l in lines if l["event"] == "load.succeeded"][0]
+    for key in ("source", "day", "run_id", "generation", "rows", "duration_ms", "timestamp", "level"):
+        assert key in done, key
