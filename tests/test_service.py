@@ -176,3 +176,84 @@ def test_logs_are_json_lines_with_stable_keys(tmp_path, warehouse):
     done = [l for l in lines if l["event"] == "load.succeeded"][0]
     for key in ("source", "day", "run_id", "generation", "rows", "duration_ms", "timestamp", "level"):
         assert key in done, key
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian's systemd package provides it)")
+    unit = (ROOT / "contrib/systemd/ingestd.service").read_text()
+    for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "TimeoutStopSec=", "DynamicUser=yes",
+                "StateDirectory=ingestd", "LoadCredential=", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                "ProtectHome=yes", "PrivateTmp=yes", "RestrictAddressFamilies="):
+        assert key in unit, key
+    venv_ingestd = ROOT / ".venv/bin/ingestd"
+    target = tmp_path / "ingestd.service"
+    target.write_text(unit.replace("/opt/ingestd/.venv/bin/ingestd", str(venv_ingestd)))
+    out = subprocess.run([analyze, "verify", str(target)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
+
+
+def test_no_secret_appears_in_logs_events_responses_or_status(tmp_path, warehouse):
+    """A full run with the bus on a password-protected mosquitto (the contrib ACL), requests
+    answered, loads done; every log line, MQTT message and CLI output is scanned for the secrets."""
+    import asyncio
+
+    import aiomqtt
+
+    from tests.broker import Mosquitto, find, free_port
+    from tests.test_bus import Collector, request
+    folder = tmp_path / "secure"
+    folder.mkdir()
+    users = {"ingestd": "daemon-pw-7f3a9", "operator": "operator-pw-c41d2"}
+    for i, (user, pw) in enumerate(users.items()):
+        subprocess.run([find("mosquitto_passwd"), *(["-c"] if i == 0 else []), "-b", str(folder / "passwd"), user, pw],
+                       check=True)
+    port = free_port()
+    broker = Mosquitto(folder, port=port, extra_conf=f"allow_anonymous false\npassword_file {folder / 'passwd'}\n")
+    broker.start()
+    secret_file = folder / "bus-password"
+    secret_file.write_text(users["ingestd"] + "\n")
+    warehouse.add_events(YESTERDAY, 50)
+    warehouse.add_events(D, 20)
+    bus = (f'enabled = true\nport = {port}\nbase_topic = "ingestd/test"\nusername = "ingestd"\n'
+           f'password_file = "{secret_file}"\n')
+    cfg = write_config(tmp_path, bus=bus, schedule='["0 0 * * *"]', lookback=1)
+    env = cli_env(INGESTD_BUS_USERNAME="operator", INGESTD_BUS_PASSWORD=users["operator"])
+
+    class Watch(Collector):
+        async def _run(self):
+            try:
+                async with aiomqtt.Client("127.0.0.1", self.port, username="operator",
+                                          password=users["operator"]) as c:
+                    await c.subscribe("ingestd/#", qos=1)
+                    self.ready.set()
+                    async for m in c.messages:
+                        self.messages.append((str(m.topic), m.payload.decode(errors="replace"), m.retain))
+            except aiomqtt.MqttError:
+                return  # the broker stopped at the end of the test
+
+    watcher = Watch(port, [])
+    proc = spawn_ingestd("run", config=cfg, env=env)
+    outputs = []
+    try:
+        wait_for(lambda: any('"online"' in p for _, p, _ in watcher.messages), what="online")
+        answer, _, _ = asyncio.run(request(port, "backfill", {"source": "orders", "from": D.isoformat(),
+                                                               "to": D.isoformat()},
+                                           username="operator", password=users["operator"]))
+        outputs.append(json.dumps(answer))
+        wait_for(lambda: any("backfill.done" in p for _, p, _ in watcher.messages), what="backfill done")
+        for cmd in (["request", "status"], ["status", "--json"], ["status"], ["check"], ["plugins", "--json"]):
+            r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "kernel.cli", "-c", str(cfg), *cmd],
+                               capture_output=True, text=True, env=env, timeout=60)
+            outputs += [r.stdout, r.stderr]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        broker.stop()
+    outputs += [proc.stdout.read(), proc.stderr.read()]
+    outputs += [p for _, p, _ in watcher.messages]
+    assert len(watcher.messages) > 5 and any("load.succeeded" in o for o in outputs)
+    for secret in users.values():
+        for text in outputs:
+            assert secret not in text

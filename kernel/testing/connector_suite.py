@@ -47,6 +47,16 @@ from ..query import DayQuery, DayWindow, render
 DAY = dt.date(2026, 3, 10)
 
 
+def kit_day_query(connector: Connector, sql: str, day: dt.date = DAY, timezone: str = "UTC", *,
+                  filter_column: str | None = None, filter_kind: str = "timestamp") -> DayQuery:
+    """`sql` bound to `day` exactly as the kernel binds a source query for this connector: its
+    `{day}`, `{start}`, `{end}` become the connector's parameter markers (a query without them is
+    wrapped and filtered on `filter_column`). For a plugin's own tests."""
+    caps = connector.capabilities
+    return render(sql, DayWindow.of(day, timezone), caps.paramstyle, filter_column=filter_column,
+                  filter_kind=filter_kind, quote=caps.quote)  # type: ignore[arg-type]
+
+
 @runtime_checkable
 class KitTable(Protocol):
     """A table in the author's warehouse that the suite fills through the author's own code."""
@@ -118,9 +128,7 @@ class ConnectorSuite:
 
     def day_query(self, connector: Connector, table: KitTable, day: dt.date = DAY,
                   where: str = "ts >= {start} AND ts < {end}", columns: str = "ts, user_id, event, value") -> DayQuery:
-        caps = connector.capabilities
-        sql = f"SELECT {columns} FROM {table.name} WHERE {where}"
-        return render(sql, DayWindow.of(day), caps.paramstyle, quote=caps.quote)
+        return kit_day_query(connector, f"SELECT {columns} FROM {table.name} WHERE {where}", day)
 
     async def fetch_all(self, connector: Connector, query: DayQuery) -> list[pa.RecordBatch]:
         return [b async for b in connector.fetch(query, self.batch_rows)]
