@@ -545,7 +545,7 @@ class _Fetcher:
         try:
             con = self.session.open()
             cursor = self.session.cursor()
-            cursor.execute(f"DECLARE {self.cursor_name} CURSOR FOR {self.query.sql}", self.query.params)
+            cursor.execute(f"DECLARE {self.cursor_name} CURSOR FOR\n{self.query.sql}\n", self.query.params)
             statement = f"FETCH FORWARD {int(self.fetch_size)} FROM {self.cursor_name}"
             while not self.stop.is_set():
                 cursor.execute(statement)
@@ -666,7 +666,7 @@ class RedshiftConnector(Connector):
 
         def work(con, cur):
             try:
-                cur.execute(f"SELECT * FROM ({query.sql}) q LIMIT 0", query.params)
+                cur.execute(f"SELECT * FROM (\n{query.sql}\n) q LIMIT 0", query.params)
                 cur.fetchall()
             except Exception as exc:
                 error = translate(exc, self.where)
@@ -714,7 +714,7 @@ class RedshiftConnector(Connector):
                               f"`{grant}` ({message})", code="42501")
 
     async def probe(self, query: DayQuery, source: SourceInfo | None = None) -> ProbeResult:
-        sql = f"SELECT COUNT(*) FROM ({query.sql}) q"
+        sql = f"SELECT COUNT(*) FROM (\n{query.sql}\n) q"  # newlines: the query may end in a -- comment
 
         def work(con, cur):
             try:

@@ -572,7 +572,7 @@ def daemon_toml(folder, proxy, table: str, *, password_env: str = "RS_TEST_PASSW
 
     [sources.orders.recheck]
     schedule = ["0 18 * * *"]
-    lookback_days = 2
+    lookback_days = 1
     threshold_pct = 1.0
 
     [sources.orders.mapping]
@@ -594,7 +594,7 @@ def at(day: dt.date, hh: int, mm: int = 5) -> str:
 def test_the_daemon_loads_a_redshift_day_and_reloads_it_when_it_grows(tmp_path, pg, proxy):
     table = events_table(pg)
     add_events(pg, table, DAY, 4000)
-    add_events(pg, table, DAY - dt.timedelta(days=1), 10, start_id=90_000)  # outside the day: never loaded
+    add_events(pg, table, DAY - dt.timedelta(days=1), 10, start_id=90_000)  # the day before: not in the day
     cfg = daemon_toml(tmp_path, proxy, table)
     env = cli_env(RS_TEST_PASSWORD=PASSWORD)
     nxt = DAY + dt.timedelta(days=1)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from kernel import ConfigError, DayWindow, PermanentError, TransientError, build_model
+from kernel.testing.connector_suite import kit_day_query
 from ingestd_files.connector import FilesConfig, FilesConnector
 from ingestd_files.layout import LayoutError, Pattern, layout_days
 from lake import KIT_SCHEMA, write_rows
@@ -30,11 +31,7 @@ def connector_on(root, **table) -> FilesConnector:
 
 
 def query_for(connector, day=D, timezone="UTC", where="ts >= {start} AND ts < {end}", columns="*"):
-    from kernel import DayQuery  # noqa: F401  (the public type of what render returns)
-    from kernel.query import render  # the kernel renders source queries; tests may use it directly
-    caps = connector.capabilities
-    return render(f"SELECT {columns} FROM day_files WHERE {where}", DayWindow.of(day, timezone), caps.paramstyle,
-                  quote=caps.quote)
+    return kit_day_query(connector, f"SELECT {columns} FROM day_files WHERE {where}", day, timezone)
 
 
 def rows_of(day: dt.date, n: int, start: int = 0, hour: float = 0.0) -> list[dict]:
@@ -110,9 +107,9 @@ def test_layout_days_follow_the_source_window():
 async def test_a_source_day_in_another_zone_reads_every_folder_it_touches(tmp_path):
     root = tmp_path / "lake"
     for day in (D - dt.timedelta(days=1), D, D + dt.timedelta(days=1), D + dt.timedelta(days=2)):
-        write_rows(root / f"dt={day}" / "p.parquet", rows_of(day, 24 * 6, hour=0) and
-                   [{"ts": dt.datetime(day.year, day.month, day.day) + dt.timedelta(minutes=10 * i),
-                     "user_id": f"{day}-{i}", "event": "e", "value": 1.0} for i in range(24 * 6)], "parquet", KIT_SCHEMA)
+        every_10_minutes = [{"ts": dt.datetime(day.year, day.month, day.day) + dt.timedelta(minutes=10 * i),
+                             "user_id": f"{day}-{i}", "event": "e", "value": 1.0} for i in range(24 * 6)]
+        write_rows(root / f"dt={day}" / "p.parquet", every_10_minutes, "parquet", KIT_SCHEMA)
     c = connector_on(root, layout_timezone="UTC")
     q = query_for(c, timezone="America/New_York")  # [D 05:00 UTC, D+1 05:00 UTC)
     assert (await c.probe(q)).rows == 24 * 6
@@ -196,27 +193,39 @@ async def test_a_probe_of_a_folder_holding_its_day_reads_only_parquet_footers(tm
     with pytest.raises((TransientError, PermanentError)):  # a fetch needs the pages: it fails as the kernel's error
         await fetched(c, query_for(c))
     with pytest.raises((TransientError, PermanentError)):  # a filter the statistics cannot decide reads pages
-        await c.probe(query_for(c, where="ts >= {start} AND ts < {start} + INTERVAL 10 MINUTE"))
+        await c.probe(query_for(c, where="ts >= {start} AND ts < CAST({start} AS TIMESTAMP) + INTERVAL 10 MINUTE"))
 
 
-async def test_stat_fingerprints_see_new_and_rewritten_files_content_fingerprints_see_bytes(tmp_path):
+async def test_stat_fingerprints_see_file_changes_content_fingerprints_see_byte_changes(tmp_path):
     root = tmp_path / "lake"
-    path = write_rows(root / f"dt={D}" / "p.parquet", rows_of(D, 50), "parquet", KIT_SCHEMA)
-    stat, content = connector_on(root), connector_on(root, fingerprint="content")
+    rows = [{"ts": f"2026-11-20 0{i}:00:00", "user_id": f"u{i}", "value": 1.5} for i in range(5)]
+    path = write_rows(root / f"dt={D}" / "a.jsonl", rows, "jsonl")
+    stat = connector_on(root, pattern="dt={day}/*.jsonl")
+    content = connector_on(root, pattern="dt={day}/*.jsonl", fingerprint="content")
     q = query_for(stat)
     s1, c1 = await stat.probe(q), await content.probe(q)
+    assert s1.rows == c1.rows == 5
     assert await stat.probe(q) == s1 and await content.probe(q) == c1
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched, same bytes
+
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, newer mtime
     s2, c2 = await stat.probe(q), await content.probe(q)
     assert s2.fingerprint != s1.fingerprint and c2 == c1
-    data = path.read_bytes()
-    with open(path, "r+b") as fh:  # rewritten in place, same size, mtime set back: only content sees it
-        fh.write(data)
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
-    write_rows(root / f"dt={D}" / "q.parquet", rows_of(D, 1, start=99), "parquet", KIT_SCHEMA)
+
+    st = path.stat()
+    text = path.read_text()
+    with open(path, "r+") as fh:  # rewritten in place: same size, a value changed, mtime put back
+        fh.write(text.replace('"value": 1.5', '"value": 2.5', 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     s3, c3 = await stat.probe(q), await content.probe(q)
-    assert s3.rows == c3.rows == 51 and s3.fingerprint != s2.fingerprint and c3.fingerprint != c2.fingerprint
-    assert (await stat.probe(query_for(stat, D + dt.timedelta(days=1)))).fingerprint is not None
+    assert s3 == s2, "stat cannot see an in-place rewrite of equal size and mtime (documented)"
+    assert c3.rows == 5 and c3.fingerprint != c2.fingerprint
+
+    write_rows(root / f"dt={D}" / "b.jsonl", rows[:1], "jsonl")  # a late file
+    s4, c4 = await stat.probe(q), await content.probe(q)
+    assert s4.rows == c4.rows == 6 and s4.fingerprint != s3.fingerprint and c4.fingerprint != c3.fingerprint
+    empty = await stat.probe(query_for(stat, D + dt.timedelta(days=1)))
+    assert empty.rows == 0 and empty.fingerprint is not None
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -246,14 +255,14 @@ async def test_errors_are_sorted_into_the_kernels_classes(tmp_path):
 # -- memory --------------------------------------------------------------------------------------
 
 PEAK = r'''
-import asyncio, resource, sys
-from kernel import DayWindow, build_model
-from kernel.query import render
+import asyncio, datetime, resource, sys
+from kernel import build_model
+from kernel.testing.connector_suite import kit_day_query
 from ingestd_files.connector import FilesConfig, FilesConnector
 
 async def main():
     c = FilesConnector(build_model(FilesConfig, {"root": sys.argv[1]}, "c"), name="mem")
-    q = render("SELECT * FROM day_files WHERE ts >= {start} AND ts < {end}", DayWindow.of(__import__("datetime").date(2026, 11, 20)), "qmark")
+    q = kit_day_query(c, "SELECT * FROM day_files WHERE ts >= {start} AND ts < {end}", datetime.date(2026, 11, 20))
     rows = 0
     async for batch in c.fetch(q, 10_000):
         rows += batch.num_rows
