@@ -447,11 +447,12 @@ class _Session:
             # connecting only, so a long day query is bounded by statement_timeout_ms instead.
             with contextlib.suppress(OSError):
                 usock.settimeout(None)
+        con.autocommit = True  # session settings, outside any transaction
         cursor = con.cursor()
         cursor.execute("SET timezone TO 'UTC'")
         if config.statement_timeout_ms:
             cursor.execute(f"SET statement_timeout TO {int(config.statement_timeout_ms)}")
-        con.commit()
+        con.autocommit = False  # what follows runs in a transaction (a cursor needs one)
         return con
 
     def cursor(self):

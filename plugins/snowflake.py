@@ -324,11 +324,9 @@ def translate(exc: BaseException, config: SnowflakeConfig | None = None) -> Base
         if state.startswith("28"):
             return PermanentError(f"Snowflake refused the login of user {names['user']}. Snowflake says: {detail}",
                                   code=code)
-    classes = _classes(exc)
-    if classes & {"OperationalError", "InterfaceError", "InternalError"} or isinstance(exc, (OSError, TimeoutError)):
+    if _classes(exc) & {"OperationalError", "InterfaceError", "InternalError"} or isinstance(exc, OSError):
         return TransientError(f"the Snowflake call failed and will be retried: {detail}", code=code)
-    if "Error" in classes and any(c.endswith("Error") for c in classes) and type(exc).__module__.startswith(
-            "snowflake."):
+    if type(exc).__module__.startswith("snowflake."):
         return PermanentError(f"Snowflake refused the query. Snowflake says: {detail}", code=code)
     return exc
 
@@ -355,7 +353,7 @@ def identifier(name: str) -> str:
 
 def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str, lowercase: bool = True) -> pa.Table:
     """One chunk of Snowflake's result in ingestd's conventions: integers as int64, every
-    timestamp as timestamp[unit, UTC] (TIMESTAMP_NTZ read as wall-clock time in `ntz_zone`),
+    timestamp as timestamp[us, UTC] (TIMESTAMP_NTZ read as wall-clock time in `ntz_zone`),
     no field metadata, all-upper-case names in lower case."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
@@ -368,8 +366,8 @@ def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str, lowercase: bool =
         elif pa.types.is_timestamp(typ):
             if typ.tz is None:
                 column = pc.assume_timezone(column, timezone=ntz_zone, ambiguous="earliest", nonexistent="earliest")
-            typ = pa.timestamp(typ.unit, tz="UTC")
-            column = column.cast(typ)
+            typ = pa.timestamp("us", tz="UTC")
+            column = column.cast(typ, safe=False)
         name = f.name
         if lowercase and name != name.lower() and name == name.upper() and name.lower() not in taken:
             name = name.lower()
@@ -486,15 +484,13 @@ class _Pool:
         _quiet_close(session.con)
 
     def close(self) -> None:
+        """Close the idle sessions; from now on a session is closed when its call ends."""
         with self._lock:
+            self._closed = True
             sessions = [s for idle in self._idle.values() for s in idle]
             self._idle.clear()
         for s in sessions:
             _quiet_close(s.con)
-
-    def reopen(self) -> None:
-        with self._lock:
-            self._closed = False
 
 
 def _quiet_close(con: Any) -> None:
@@ -557,7 +553,6 @@ class SnowflakeConnector(Connector):
                                          quote="" if config.lowercase_columns else '"')
         self._pool = _Pool(self._connect)
         self._private_key: bytes | None = None
-        self._threads: set[threading.Thread] = set()
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -592,7 +587,7 @@ class SnowflakeConnector(Connector):
                 hint = ("the key is encrypted: give private_key_passphrase (or _env, _file)" if passphrase is None
                         else "the key is not encrypted: remove private_key_passphrase")
                 raise PermanentError(f"cannot load private_key_file {path}: {hint} ({exc})") from None
-            except (ValueError, Exception) as exc:  # cryptography raises ValueError (and others) on bad input
+            except Exception as exc:  # cryptography raises ValueError (and others) on bad input
                 why = "wrong private_key_passphrase, or not a private key" if passphrase else "not a private key"
                 raise PermanentError(f"cannot load private_key_file {path}: {why} "
                                      f"({type(exc).__name__}: {exc})") from None
@@ -673,7 +668,10 @@ class SnowflakeConnector(Connector):
             try:
                 session = self._pool.take(key)
             except Exception as exc:
-                raise translate(exc, self.config) from exc
+                error = translate(exc, self.config)
+                if error is exc:
+                    raise
+                raise error from exc
             try:
                 result = work(session)
             except _Stopped:
@@ -783,20 +781,36 @@ class SnowflakeConnector(Connector):
 
         def produce(session: _Session) -> None:
             cur = self._run(session, query.sql, params, pump.stopped)
+            sent = False
+
+            def put(batch: pa.RecordBatch) -> None:
+                nonlocal sent
+                if not pump.put(batch):
+                    raise _Stopped
+                sent = True
+
             try:
                 rechunker = Rechunker(batch_rows)
                 try:
                     tables = cur.fetch_arrow_batches(force_microsecond_precision=True)
-                except TypeError:  # a driver without the option: timestamps are cast below
+                except TypeError:  # a driver without the option: normalize() casts to microseconds
                     tables = cur.fetch_arrow_batches()
                 try:
                     for table in tables:
                         for batch in rechunker.push(normalize(table, zone, self.config.lowercase_columns)):
-                            if not pump.put(_to_us(batch)):
-                                raise _Stopped
+                            put(batch)
                     for batch in rechunker.flush():
-                        if not pump.put(_to_us(batch)):
-                            raise _Stopped
+                        put(batch)
+                except _Stopped:
+                    raise
+                except Exception as exc:
+                    if not sent:
+                        raise
+                    # rows went out already: no silent retry on a new session, the kernel retries the load
+                    error = translate(exc, self.config)
+                    if error is exc:
+                        raise
+                    raise error from exc
                 finally:
                     close = getattr(tables, "close", None)
                     if close is not None:
@@ -815,11 +829,8 @@ class SnowflakeConnector(Connector):
                 pump.end(exc)
             else:
                 pump.end()
-            finally:
-                self._threads.discard(thread)
 
         thread = threading.Thread(target=worker, name=f"ingestd-snowflake-{self.name}", daemon=True)
-        self._threads.add(thread)
         thread.start()
         try:
             while True:
@@ -838,15 +849,6 @@ class SnowflakeConnector(Connector):
     async def close(self) -> None:
         """Close the idle sessions; sessions still in use are closed when their call ends."""
         await asyncio.to_thread(self._pool.close)
-
-
-def _to_us(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Timestamps at microseconds (the sink's resolution), for drivers that gave nanoseconds."""
-    if not any(pa.types.is_timestamp(f.type) and f.type.unit == "ns" for f in batch.schema):
-        return batch
-    schema = pa.schema([pa.field(f.name, pa.timestamp("us", tz=f.type.tz), f.nullable)
-                        if pa.types.is_timestamp(f.type) and f.type.unit == "ns" else f for f in batch.schema])
-    return batch.cast(schema, safe=False)
 
 
 @hookimpl

@@ -15,6 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+# Python puts this script's folder first on sys.path, and tests/bqemulator.py (the fixture
+# helper) would then shadow the bqemulator package: take the folder off.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 
 def main(argv: list[str]) -> None:

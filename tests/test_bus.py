@@ -23,7 +23,7 @@ OUTAGE_S = float(os.environ.get("INGESTD_TEST_OUTAGE_S", "30"))
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Mosquitto(tmp_path / "broker-folder" if False else _folder(tmp_path, "broker")).start()
+    b = Mosquitto(_folder(tmp_path, "broker")).start()
     yield b
     b.stop()
 
@@ -332,3 +332,39 @@ def test_contrib_acl_lets_only_the_operator_trigger_a_backfill(tmp_path, warehou
         out = stop_daemon(proc)
         broker.stop()
     assert users["ingestd"] not in out
+
+
+def test_without_a_broker_the_daemon_ingests_and_publishes_once_one_appears(tmp_path, warehouse):
+    """MQTT 3.1.1 this time. No broker at start: the daemon loads anyway, keeps its events in the
+    outbox, and publishes them in order when the broker comes up."""
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    warehouse.add_events(yesterday, 40)
+    broker = Mosquitto(_folder(tmp_path, "late-broker"))
+    cfg = bus_config(tmp_path, broker, bus_extra='protocol = "3.1.1"\n')
+    cfg.write_text(cfg.read_text().replace('schedule = ["0 0 1 1 *"]', 'schedule = ["0 0 * * *"]'))
+    proc = start_daemon(cfg)
+    try:
+        wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM runs WHERE status = 'succeeded'"),
+                 what="a load without a broker")
+        assert state_query(tmp_path / "state.db", "SELECT count(*) FROM outbox")[0][0] >= 2
+        broker.start()
+        watcher = Collector(broker.port, ["ingestd/test/#"])
+        wait_for(lambda: state_query(tmp_path / "state.db", "SELECT count(*) FROM outbox")[0][0] == 0,
+                 what="the outbox to drain")
+        wait_for(lambda: watcher.events("load.succeeded"), what="the queued load event")
+        async def status311():
+            async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V311) as c:
+                await c.subscribe("ingestd/test/response/status", qos=1)
+                await c.publish("ingestd/test/request/status", b'{"transaction": "x"}', qos=1)
+                async with asyncio.timeout(15):
+                    async for m in c.messages:
+                        return json.loads(m.payload)
+        answer = asyncio.run(status311())
+        assert answer["status"] == "ok" and answer["transaction"] == "x"
+    finally:
+        out = stop_daemon(proc)
+        broker.stop()
+    attempts = [l for l in out.splitlines() if "bus.disconnected" in l]
+    assert attempts, out[-2000:]
+    seqs = [e["seq"] for e in watcher.events()]
+    assert seqs == sorted(seqs) and len(seqs) >= 2

@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import itertools
 import json
+import re
 import socket
 import textwrap
 import threading
@@ -247,8 +248,13 @@ async def test_day_values_are_bound_server_side_and_literals_are_left_alone(pg, 
     assert set(table_out.column("pct").to_pylist()) == {"100%"} and set(table_out.column("mark").to_pylist()) == {"?"}
     log = wait_until(lambda: "parameters: $1 = '2026-03-10 00:00:00'" in pg.log_tail(200_000) and pg.log_tail(200_000),
                      what="the statement log")
-    declares = [line for line in log.splitlines() if "DECLARE ingestd_" in line]
-    assert declares and all("$1" in line and "$2" in line and "2026-03" not in line for line in declares)
+    declared = [(statement, values) for statement, values in re.findall(
+        r"LOG:  execute [^:]+: (DECLARE ingestd_\w+ CURSOR FOR.*?)\n\d{4}-\d\d-\d\d [^\n]*DETAIL:  parameters: ([^\n]*)",
+        log, re.S) if table in statement]
+    assert len(declared) == 1, log[-3000:]
+    statement, values = declared[0]
+    assert "ts >= $1 AND ts < $2" in statement and "2026" not in statement
+    assert values == "$1 = '2026-03-10 00:00:00', $2 = '2026-03-11 00:00:00'"
 
 
 # -- types -----------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ def test_layout_days_follow_the_source_window():
 
 # -- reading -----------------------------------------------------------------------------------
 
+@pytest.mark.asyncio
 async def test_a_source_day_in_another_zone_reads_every_folder_it_touches(tmp_path):
     root = tmp_path / "lake"
     for day in (D - dt.timedelta(days=1), D, D + dt.timedelta(days=1), D + dt.timedelta(days=2)):
@@ -121,6 +122,7 @@ async def test_a_source_day_in_another_zone_reads_every_folder_it_touches(tmp_pa
     assert (await c2.probe(q)).rows == 19 * 6
 
 
+@pytest.mark.asyncio
 async def test_files_named_like_markers_or_temporaries_are_skipped(tmp_path):
     root = tmp_path / "lake"
     day = root / f"dt={D}"
@@ -135,6 +137,7 @@ async def test_files_named_like_markers_or_temporaries_are_skipped(tmp_path):
     assert (await deep.probe(query_for(deep))).rows == 10 + 5  # `**` descends, `_part-8` stays skipped
 
 
+@pytest.mark.asyncio
 async def test_a_ready_marker_holds_the_day_back_until_it_exists(tmp_path):
     root = tmp_path / "lake"
     write_rows(root / f"dt={D}" / "p.parquet", rows_of(D, 30), "parquet", KIT_SCHEMA)
@@ -148,6 +151,7 @@ async def test_a_ready_marker_holds_the_day_back_until_it_exists(tmp_path):
     assert len(await fetched(c, q)) == 30
 
 
+@pytest.mark.asyncio
 async def test_json_lines_gzip_and_columns_united_by_name(tmp_path):
     root = tmp_path / "lake"
     write_rows(root / f"{D:%Y/%m/%d}" / "a.jsonl.gz", [{"ts": "2026-11-20 01:00:00", "user_id": "a", "n": 1}], "jsonl")
@@ -159,6 +163,7 @@ async def test_json_lines_gzip_and_columns_united_by_name(tmp_path):
     assert got[0]["ts"] == dt.datetime(2026, 11, 20, 1)
 
 
+@pytest.mark.asyncio
 async def test_batches_are_bounded_and_a_day_without_files_is_empty(tmp_path):
     root = tmp_path / "lake"
     for i in range(3):
@@ -181,6 +186,7 @@ def _wipe_data_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.asyncio
 async def test_a_probe_of_a_folder_holding_its_day_reads_only_parquet_footers(tmp_path):
     root = tmp_path / "lake"
     path = write_rows(root / f"dt={D}" / "p.parquet", rows_of(D, 5000), "parquet", KIT_SCHEMA)
@@ -196,6 +202,7 @@ async def test_a_probe_of_a_folder_holding_its_day_reads_only_parquet_footers(tm
         await c.probe(query_for(c, where="ts >= {start} AND ts < CAST({start} AS TIMESTAMP) + INTERVAL 10 MINUTE"))
 
 
+@pytest.mark.asyncio
 async def test_stat_fingerprints_see_file_changes_content_fingerprints_see_byte_changes(tmp_path):
     root = tmp_path / "lake"
     rows = [{"ts": f"2026-11-20 0{i}:00:00", "user_id": f"u{i}", "value": 1.5} for i in range(5)]
@@ -230,6 +237,7 @@ async def test_stat_fingerprints_see_file_changes_content_fingerprints_see_byte_
 
 # -- errors --------------------------------------------------------------------------------------
 
+@pytest.mark.asyncio
 async def test_errors_are_sorted_into_the_kernels_classes(tmp_path):
     root = tmp_path / "lake"
     c = connector_on(root)
@@ -294,4 +302,5 @@ def test_memory_does_not_grow_with_the_size_of_the_day(tmp_path):
         rows, peak_mb = map(int, out.stdout.split())
         assert rows == n
         peaks[n] = peak_mb
+    print("peak RSS MB by rows:", peaks)
     assert peaks[1_500_000] - peaks[50_000] < 120, peaks
