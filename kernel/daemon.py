@@ -84,7 +84,7 @@ class Daemon:
 
     def stop(self) -> None:
         if self.rt and not self.rt.stopping.is_set():
-            log.info("daemon.stopping")
+            log.info("daemon.stop_requested")
             self.notifier.stopping()
             self.rt.stopping.set()
             self.wake.set()

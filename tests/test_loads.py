@@ -169,3 +169,25 @@ def test_a_second_writer_is_refused_with_the_holder(tmp_path, warehouse):
         os.close(fd)
     assert out.returncode == 1
     assert "in use by another ingestd process (pid 4242)" in out.stderr
+
+
+def test_a_window_in_the_spring_forward_gap_runs_that_day_shifted_by_the_gap(tmp_path, warehouse):
+    """02:30 does not exist in Los Angeles on 2026-03-08; the window runs at 03:30 PDT (10:30 UTC)."""
+    for day in (dt.date(2026, 3, 6), dt.date(2026, 3, 7)):
+        warehouse.add_events(day, 30)
+    cfg = write_config(tmp_path, timezone="America/Los_Angeles", schedule='["30 2 * * *"]', lookback=1)
+    ingestd("run", "--once", "--now", "2026-03-08T10:29:00Z", config=cfg, check=True)
+    assert partition(tmp_path, dt.date(2026, 3, 6))[:2] == ("succeeded", 1)
+    assert partition(tmp_path, dt.date(2026, 3, 7)) is None
+    ingestd("run", "--once", "--now", "2026-03-08T10:30:00Z", config=cfg, check=True)
+    assert partition(tmp_path, dt.date(2026, 3, 7))[:2] == ("succeeded", 1)
+
+
+def test_a_daily_window_on_the_fall_back_day_runs_once(tmp_path, warehouse):
+    """01:30 happens twice in Los Angeles on 2026-11-01; the window runs at the first (08:30 UTC)."""
+    warehouse.add_events(dt.date(2026, 10, 31), 30)
+    cfg = write_config(tmp_path, timezone="America/Los_Angeles", schedule='["30 1 * * *"]', recheck="[]", lookback=1)
+    ingestd("run", "--once", "--now", "2026-11-01T08:30:00Z", config=cfg, check=True)
+    ingestd("run", "--once", "--now", "2026-11-01T09:31:00Z", config=cfg, check=True)  # the second 01:30
+    runs = state_query(tmp_path / "state.db", "SELECT day, status FROM runs")
+    assert runs == [("2026-10-31", "succeeded")]
