@@ -368,3 +368,46 @@ def test_without_a_broker_the_daemon_ingests_and_publishes_once_one_appears(tmp_
     assert attempts, out[-2000:]
     seqs = [e["seq"] for e in watcher.events()]
     assert seqs == sorted(seqs) and len(seqs) >= 2
+
+
+def _tls_material(folder):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ingestd-test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    (folder / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.crt", "-extfile", "san.ext")
+
+
+def test_tls_with_a_ca_file_and_a_client_certificate(tmp_path, warehouse):
+    import ssl
+    folder = _folder(tmp_path, "tls")
+    _tls_material(folder)
+    broker = Mosquitto(folder, extra_conf=(
+        f"allow_anonymous true\ncafile {folder / 'ca.crt'}\ncertfile {folder / 'server.crt'}\n"
+        f"keyfile {folder / 'server.key'}\nrequire_certificate true\n"))
+    broker.start()
+    cfg = bus_config(tmp_path, broker, bus_extra=(
+        f'tls = true\nca_file = "{folder / "ca.crt"}"\ncert_file = "{folder / "client.crt"}"\n'
+        f'key_file = "{folder / "client.key"}"\n'))
+    proc = start_daemon(cfg)
+
+    async def watch():
+        tls = aiomqtt.TLSParameters(ca_certs=str(folder / "ca.crt"), certfile=str(folder / "client.crt"),
+                                    keyfile=str(folder / "client.key"), cert_reqs=ssl.CERT_REQUIRED)
+        async with aiomqtt.Client("127.0.0.1", broker.port, tls_params=tls) as c:
+            await c.subscribe("ingestd/test/state", qos=1)
+            async with asyncio.timeout(20):
+                async for m in c.messages:
+                    if json.loads(m.payload)["state"] == "online":
+                        return True
+    try:
+        assert asyncio.run(watch())
+    finally:
+        stop_daemon(proc)
+        broker.stop()
