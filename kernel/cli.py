@@ -112,9 +112,7 @@ def cmd_check(args) -> int:
 
     async def work() -> int:
         bad = 0
-        made = {}
-        rt = Runtime.__new__(Runtime)  # only the connector factory and query binding are needed
-        rt.config, rt.plugins, rt.connectors = config, plugins, made
+        rt = Runtime(config, plugins)  # not opened: only the connector factory and query binding are used
         for name, src in config.sources.items():
             conn = rt.connector(src.connection)
             day = dt.date.today() - dt.timedelta(days=src.lag_days)
@@ -125,7 +123,7 @@ def cmd_check(args) -> int:
             except IngestdError as exc:
                 bad += 1
                 print(f"FAILED {name}: connection {src.connection}: {exc}")
-        for c in made.values():
+        for c in rt.connectors.values():
             await c.close()
         return EXIT_FAILED if bad else 0
 
@@ -222,9 +220,7 @@ def cmd_backfill(args) -> int:
 
 async def source_status(config: Config, state: StateStore, name: str, days: int, now: dt.datetime) -> dict:
     src = config.sources[name]
-    rt = Runtime.__new__(Runtime)
-    rt.config = config
-    lw, rw = load_windows(rt, name), recheck_windows(rt, name)
+    lw, rw = load_windows(config, name), recheck_windows(config, name)
     today = DayWindow.of(now.date(), src.timezone).day
     parts = await state.partitions(name, today - dt.timedelta(days=days), today)
     last = await state.last_run(name)

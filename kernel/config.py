@@ -96,6 +96,8 @@ class SourceSection:
     ready_query: str | None = None
     batch_rows: int | None = None
     enabled: bool = True
+    slices: int = 1
+    slice_column: str | None = None
     recheck: RecheckSection = field(default_factory=RecheckSection)
 
 
@@ -270,6 +272,31 @@ def _check_source(name: str, src: SourceSection, sinks: dict, connections: dict,
         col = "timestamp" if src.kind == "events" else "date"
         errors.append(ConfigError(f"{where}.query", "has no {day}/{start}/{end} placeholder; use one, or map "
                                   f"mapping.{col} so the query can be filtered on it"))
+    _check_slices(where, src, errors)
     if src.ready_query is not None and not uses_placeholders(src.ready_query):
         errors.append(ConfigError(f"{where}.ready_query", "must name the day with {day} or {start}/{end}"))
 
+
+
+MAX_SLICES = 64
+
+
+def _check_slices(where: str, src: SourceSection, errors: list[ConfigError]) -> None:
+    """`slices` K > 1 fetches a day as K parts in K worker processes (kernel/slices.py): by
+    sub-ranges of {start}/{end}, or by `MOD(slice_column, K)`."""
+    if src.slices < 1:
+        errors.append(ConfigError(f"{where}.slices", "must be at least 1"))
+    elif src.slices > MAX_SLICES:
+        errors.append(ConfigError(f"{where}.slices", f"must be at most {MAX_SLICES} (each slice is a worker "
+                                  "process with a warehouse connection of its own)"))
+    if src.slice_column is not None and not src.slice_column.strip():
+        errors.append(ConfigError(f"{where}.slice_column", "must not be empty: name an integer column of the "
+                                  "query's result"))
+    if src.slices > 1 and src.slice_column is None:
+        bounded = "{start}" in src.query and "{end}" in src.query
+        column, kind = src.mapping.filter_column(src.kind)  # a query without placeholders is filtered on it
+        filtered = not uses_placeholders(src.query) and bool(column) and kind == "timestamp"
+        if not (bounded or filtered):
+            errors.append(ConfigError(f"{where}.slices", "with slices > 1 the query must bound the day with both "
+                                      "{start} and {end} (each slice gets a sub-range of them), or set "
+                                      "slice_column to an integer column to slice by MOD(column, slices)"))

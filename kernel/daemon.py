@@ -137,8 +137,8 @@ class Daemon:
             for name, src in self.config.sources.items():
                 if not src.enabled:
                     continue
-                heap.append((load_windows(rt, name).next_after(now), name, "load"))
-                if (rw := recheck_windows(rt, name)) is not None:
+                heap.append((load_windows(self.config, name).next_after(now), name, "load"))
+                if (rw := recheck_windows(self.config, name)) is not None:
                     heap.append((rw.next_after(now), name, "recheck"))
             heapq.heapify(heap)
 
@@ -151,7 +151,7 @@ class Daemon:
                 if name in self.config.sources:
                     fn = run_load_window if kind == "load" else run_recheck_window
                     self._start_window(name, kind, lambda n=name, f=fn, a=at: f(rt, n, a))
-                    windows = load_windows(rt, name) if kind == "load" else recheck_windows(rt, name)
+                    windows = load_windows(self.config, name) if kind == "load" else recheck_windows(self.config, name)
                     if windows is not None:
                         heapq.heappush(heap, (windows.next_after(now), name, kind))
             timeout = MAX_SLEEP if not heap else max(0.0, min(MAX_SLEEP, (heap[0][0] - now).total_seconds()))

@@ -28,6 +28,7 @@ from .errors import PermanentError, RejectLimitExceeded, TransientError
 from .events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
 from .runtime import Runtime, event
 from .schema import RowMapper
+from .slices import fetch_slices
 
 log = logs.get("ingestd.ingest")
 T = TypeVar("T")
@@ -189,7 +190,9 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
 
     async def fetch_stage() -> None:
         try:
-            async with contextlib.aclosing(conn.fetch(query, rt.batch_rows(source), rt.source_info(source))) as stream:
+            stream = (fetch_slices(rt, source, day, rt.batch_rows(source)) if src.slices > 1
+                      else conn.fetch(query, rt.batch_rows(source), rt.source_info(source)))
+            async with contextlib.aclosing(stream) as stream:
                 async for batch in stream:
                     stats["fetched"] += batch.num_rows
                     await fetched_q.put(batch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 from . import logs
+from .config import Config
 from .ingest import load_partition, recheck_day
 from .runtime import Runtime
 from .scheduler import CronWindows
@@ -13,19 +14,19 @@ from .scheduler import CronWindows
 log = logs.get("ingestd.planner")
 
 
-def load_windows(rt: Runtime, source: str) -> CronWindows:
-    src = rt.config.sources[source]
+def load_windows(config: Config, source: str) -> CronWindows:
+    src = config.sources[source]
     return CronWindows(src.schedule, src.timezone)
 
 
-def recheck_windows(rt: Runtime, source: str) -> CronWindows | None:
-    src = rt.config.sources[source]
+def recheck_windows(config: Config, source: str) -> CronWindows | None:
+    src = config.sources[source]
     return CronWindows(src.recheck.schedule, src.timezone) if src.recheck.schedule else None
 
 
 def newest_day(rt: Runtime, source: str, now: dt.datetime) -> dt.date | None:
     """The newest day due at `now`: the local date of the last load window, minus lag_days."""
-    windows = load_windows(rt, source)
+    windows = load_windows(rt.config, source)
     last = windows.last_at_or_before(now)
     if last is None:
         return None
@@ -71,7 +72,7 @@ async def run_recheck_window(rt: Runtime, source: str, now: dt.datetime) -> dict
 
 
 async def recheck_due(rt: Runtime, source: str, now: dt.datetime) -> bool:
-    windows = recheck_windows(rt, source)
+    windows = recheck_windows(rt.config, source)
     if windows is None:
         return False
     last = windows.last_at_or_before(now)

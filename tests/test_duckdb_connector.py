@@ -75,6 +75,12 @@ class TestDuckDBConnector(ConnectorSuite):
         yield c
         await c.close()
 
+    @pytest.fixture
+    async def broken_connector(self, tmp_path):
+        c = connector_on(tmp_path / "missing" / "warehouse.duckdb")
+        yield c
+        await c.close()
+
 
 class TestDuckDBConnectorInDemoMode(ConnectorSuite):
     """The same bar with demo landing before every call, on a demo file holding the kit table."""
@@ -90,6 +96,13 @@ class TestDuckDBConnectorInDemoMode(ConnectorSuite):
     @pytest.fixture
     async def connector(self, kit_table):
         c = connector_on(kit_table.path, demo=True, demo_days=2, demo_rows_per_day=50)
+        yield c
+        await c.close()
+
+    @pytest.fixture
+    async def broken_connector(self, tmp_path):
+        (tmp_path / "not-a-file").mkdir()
+        c = connector_on(tmp_path / "not-a-file", demo=True, demo_days=2, demo_rows_per_day=50)
         yield c
         await c.close()
 
