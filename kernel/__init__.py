@@ -9,7 +9,7 @@ import pluggy
 
 from .contracts import (Capabilities, Connector, Kind, PartitionInfo, ProbeResult, Registry, Sink,
                         SourceInfo, Target)
-from .errors import (ConfigError, ConnectorError, IngestdError, PermanentError, PluginError,
+from .errors import (ConfigError, ConfigErrors, ConnectorError, IngestdError, PermanentError, PluginError,
                      SinkError, TransientError)
 from .events import (BackfillAccepted, BackfillDone, BackfillProgress, CheckChanged, CheckUnchanged,
                      DaemonStarted, DaemonStopping, Event, LoadEmpty, LoadFailed, LoadStarted,
@@ -28,7 +28,7 @@ __all__ = [
     "PartitionInfo", "Kind", "DayQuery", "DayWindow", "quote_ident",
     "EVENTS_SCHEMA", "METRICS_SCHEMA", "SCHEMAS",
     "Secret", "build_model",
-    "IngestdError", "ConfigError", "ConnectorError", "TransientError", "PermanentError",
+    "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",
     "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged",
     "CheckUnchanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",

@@ -99,7 +99,8 @@ def cmd_plugins(args) -> int:
         provides = ", ".join([f"connector:{c}" for c in i.connectors] + [f"sink:{s}" for s in i.sinks]) or "-"
         dist = f"{i.distribution} {i.version}" if i.distribution else "(not installed as a distribution)"
         line = f"{i.name:<16} {dist:<28} {api:<10} {provides}"
-        print(line + (f"  FAILED: {i.error}" if i.error else ""))
+        label = "DISABLED" if i.error and i.error.startswith("disabled by") else "FAILED"
+        print(line + (f"  {label}: {i.error}" if i.error else ""))
     return 0
 
 

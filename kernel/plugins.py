@@ -68,7 +68,8 @@ def load_plugins(extra: list[tuple[str, ModuleType]] | None = None) -> LoadedPlu
     registry = Registry()
     infos: list[PluginInfo] = []
     blocked = disabled_names()
-    eps = sorted(entry_points(group=GROUP), key=lambda e: e.name)
+    # ingestd's own plugins first: a third party cannot take over a built-in type name.
+    eps = sorted(entry_points(group=GROUP), key=lambda e: (e.dist is None or e.dist.name != "ingestd", e.name))
     seen: set[str] = set()
     items: list[tuple[str, EntryPoint | ModuleType]] = [(e.name, e) for e in eps] + list(extra or [])
     for name, item in items:

@@ -4,7 +4,7 @@ A plugin author subclasses `ConnectorSuite` or `SinkSuite` in a test module and 
 fixtures; the suite's tests then run against their plugin. See each suite's docstring.
 """
 
-from .connector_suite import ConnectorSuite, KitTable
+from .connector_suite import ConnectorSuite, KitTable, kit_day_query
 from .sink_suite import SinkSuite
 
-__all__ = ["ConnectorSuite", "KitTable", "SinkSuite"]
+__all__ = ["ConnectorSuite", "KitTable", "SinkSuite", "kit_day_query"]
