@@ -266,7 +266,7 @@ class FilesConnector(Connector):
             if not self.root.is_dir():
                 what = "is not a folder" if self.root.exists() else "does not exist"
                 raise PermanentError(f"root {self.root} {what}")
-            os.listdir(self.root)
+            os.scandir(self.root).close()  # readable, without listing a large root
         except OSError as exc:
             raise _os_error(exc, f"cannot list root {self.root}") from exc
 
@@ -280,11 +280,11 @@ class FilesConnector(Connector):
     def list_files(self, days: list[dt.date]) -> list[FileStat]:
         """The data files of these layout days, stat'ed; raises the kernel's errors."""
         self._check_root()
-        paths: list[str] = []
+        paths: dict[str, None] = {}
         try:
             for day in days:
-                paths += [p for p in self.pattern.files(day) if p not in paths]
-            files = stat_files(paths)
+                paths.update(dict.fromkeys(self.pattern.files(day)))
+            files = stat_files(list(paths))
         except FileNotFoundError as exc:
             raise TransientError(f"a file vanished while the day was listed: {exc.filename}") from exc
         except OSError as exc:

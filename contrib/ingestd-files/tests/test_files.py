@@ -4,19 +4,15 @@ ready markers, skipped files, fingerprints, footer-only probes, bounded memory."
 from __future__ import annotations
 
 import datetime as dt
-import gzip
-import json
 import os
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
-from kernel import ConfigError, DayWindow, PermanentError, TransientError, build_model
+from kernel import DayWindow, IngestdError, PermanentError, TransientError, build_model
 from kernel.testing.connector_suite import kit_day_query
 from ingestd_files.connector import FilesConfig, FilesConnector
 from ingestd_files.layout import LayoutError, Pattern, layout_days
@@ -71,7 +67,6 @@ def test_a_bad_pattern_is_refused(tmp_path, pattern, words):
 
 
 def test_config_errors_name_their_key(tmp_path):
-    from kernel.errors import ConfigErrors  # build_model raises the kernel's ConfigErrors
     cases = [
         ({}, "connections.lake.root: missing"),
         ({"root": "x", "pattern": "all/*.parquet"}, "connections.lake.pattern: the pattern has no {day} field"),
@@ -83,13 +78,12 @@ def test_config_errors_name_their_key(tmp_path):
         ({"root": "x", "patern": "{day}/*.parquet"}, "connections.lake.patern: unknown key"),
     ]
     for table, message in cases:
-        with pytest.raises(ConfigErrors) as caught:
+        with pytest.raises(IngestdError) as caught:  # ConfigErrors, not public: its base is
             build_model(FilesConfig, table, "connections.lake")
         assert message in str(caught.value), (table, str(caught.value))
     config = build_model(FilesConfig, {"root": "x", "pattern": "{day}/*.ndjson.gz"}, "connections.lake")
     assert config.file_format == "jsonl" and config.fingerprint == "stat" and config.layout_timezone == ""
     assert build_model(FilesConfig, {"root": "x"}, "c").file_format == "parquet"
-    assert isinstance(ConfigError("k", "m"), Exception)
 
 
 def test_layout_days_follow_the_source_window():
@@ -193,7 +187,6 @@ async def test_a_probe_of_a_folder_holding_its_day_reads_only_parquet_footers(tm
     c = connector_on(root)
     before = await c.probe(query_for(c))
     _wipe_data_pages(path)
-    os.utime(path, ns=(1, 1))
     for q in (query_for(c), query_for(c, columns="ts, user_id"), query_for(c, where="{day} IS NOT NULL")):
         assert (await c.probe(q)).rows == before.rows == 5000  # the data pages are gone: footers answered
     with pytest.raises((TransientError, PermanentError)):  # a fetch needs the pages: it fails as the kernel's error
@@ -304,3 +297,32 @@ def test_memory_does_not_grow_with_the_size_of_the_day(tmp_path):
         peaks[n] = peak_mb
     print("peak RSS MB by rows:", peaks)
     assert peaks[1_500_000] - peaks[50_000] < 120, peaks
+
+
+# -- documentation -------------------------------------------------------------------------------
+
+def _sample(text: str) -> str:
+    start = text.index("[connections.NAME]")
+    lines = []
+    for line in text[start:].splitlines():
+        line = line.strip()
+        if line.startswith("```") or (not line and lines and lines[-1] == "# threads = 1"):
+            break
+        lines.append(line)
+    return "\n".join(lines).strip()
+
+
+def test_the_sample_config_is_the_config_model_with_its_defaults():
+    import tomllib
+    import ingestd_files.connector as module
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sample = _sample(readme)
+    assert sample == _sample(module.__doc__), "the README's sample and the module docstring's differ"
+    keys = "\n".join(line[2:] if line.startswith("# ") and " = " in line and not line.startswith("# e.g.") else line
+                     for line in sample.splitlines())
+    table = tomllib.loads(keys)["connections"]["NAME"]
+    assert table.pop("type") == "files"
+    shown = build_model(FilesConfig, table, "connections.NAME")
+    assert shown == FilesConfig(root=Path("/srv/lake/app_events")), "a default in the sample is not the model's"
+    import dataclasses
+    assert sorted(table) == sorted(f.name for f in dataclasses.fields(FilesConfig)), "a key is missing from the sample"
