@@ -78,7 +78,8 @@ Permissions: `roles/bigquery.jobUser` on `project` (to run jobs), `roles/bigquer
 on what the queries read, and `roles/bigquery.readSessionUser` on `project` for the Storage
 Read API. `ingestd check` runs a dry run of each source's day query (free) and, with the
 Storage Read API, opens a read session that reads nothing on each table the dry run reports;
-a missing permission is named with the role that grants it.
+a missing permission is named with the role that grants it. It logs the byte estimate; the
+cost guard applies per source, in probes and loads.
 
 Streaming: a worker thread runs the job and iterates `RowIterator.to_arrow_iterable` (REST
 pages of `page_size` rows, or Storage Read API pages with a queue of one page per stream), cuts
@@ -107,6 +108,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import decimal
+import importlib
 import json
 import re
 import threading
@@ -203,7 +205,7 @@ def _grpc_target(endpoint: str) -> tuple[str, bool]:
 
 def _bigquery():
     try:
-        from google.cloud import bigquery
+        bigquery = importlib.import_module("google.cloud.bigquery")
     except ImportError as exc:
         raise PermanentError(f"the bigquery connector needs google-cloud-bigquery: {INSTALL_HINT} ({exc})") from exc
     return bigquery
@@ -212,10 +214,9 @@ def _bigquery():
 def _storage():
     """google.cloud.bigquery_storage_v1, or None when google-cloud-bigquery-storage is missing."""
     try:
-        from google.cloud import bigquery_storage_v1
+        return importlib.import_module("google.cloud.bigquery_storage_v1")
     except ImportError:
         return None
-    return bigquery_storage_v1
 
 
 # -- labels and parameters ---------------------------------------------------------------------
@@ -716,7 +717,7 @@ class BigQueryConnector(Connector):
         def cancel():
             with contextlib.suppress(Exception):
                 client.cancel_job(job_id, location=self.config.location, retry=None, timeout=10)
-                log.info("bigquery.job_cancelled", connection=self.name, job_id=job_id)
+                log.info("bigquery.cancel_requested", connection=self.name, job_id=job_id)
         threading.Thread(target=cancel, name="ingestd-bigquery-cancel", daemon=True).start()
 
     def _err(self, exc: BaseException) -> ConnectorError:
@@ -754,7 +755,9 @@ class BigQueryConnector(Connector):
     async def check(self, query: DayQuery | None = None) -> None:
         """Dry-run the day query (or `SELECT 1`): proves the credentials, the job user role and
         read access to every table the query names; with the Storage Read API, also opens a read
-        session that reads nothing on each table the dry run reports (read session user)."""
+        session that reads nothing on each table the dry run reports (read session user). The
+        byte estimate is logged (`bigquery.check`); the cost guard itself is per source and
+        applies where the source is known, in probe and fetch."""
         sql = query.sql if query is not None else "SELECT 1"
         estimate, job = await self.estimate(sql, query, "check", None)
         day = query.window.day.isoformat() if query is not None else None
@@ -863,6 +866,8 @@ class BigQueryConnector(Connector):
             try:
                 job = self._start(client, query.sql, config, job_id)
                 stats["job"] = job
+                if handoff.stop.is_set():  # closed while the job was being created
+                    return
                 batches = rechunk((as_json_text(b) for b in pages(job)), batch_rows)
                 for batch in batches:
                     if not handoff.put(batch):
@@ -880,6 +885,7 @@ class BigQueryConnector(Connector):
         worker = threading.Thread(target=produce, name=f"ingestd-bigquery-{self.name}", daemon=True)
         self._streams.add(handoff)
         worker.start()
+        completed = False
         try:
             while True:
                 item = await handoff.get()
@@ -889,6 +895,7 @@ class BigQueryConnector(Connector):
                     break
                 stats["rows"] += item.num_rows
                 yield item
+            completed = True
             job = stats.get("job")
             log.info("bigquery.fetched", connection=self.name, source=src, day=day, rows=stats["rows"],
                      path=stats["path"], bytes=getattr(job, "total_bytes_processed", None),
@@ -896,6 +903,8 @@ class BigQueryConnector(Connector):
         finally:
             handoff.stop.set()
             self._streams.discard(handoff)
+            if not completed and worker.is_alive():
+                self._cancel_later(client, job_id)  # a job still running stops now, not when its worker sees it
             if worker.is_alive():
                 await asyncio.to_thread(worker.join, JOIN_SECONDS)
 

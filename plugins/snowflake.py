@@ -67,11 +67,11 @@
     # protocol = "https"
 
 Sessions. Each source gets its own Snowflake sessions, opened on first use and kept for the next
-call (idle ones are closed after 30 minutes, and when the daemon stops). Their QUERY_TAG names
-ingestd, the connection and the source as JSON (`{"app":"ingestd","connection":"sf","source":
-"orders"}`), so QUERY_HISTORY shows what ingestd ran for whom; their TIMEZONE is the NTZ zone
-above. A session that Snowflake expired (4 hours idle) is replaced by a new login without
-failing the call.
+call (a session idle for 30 minutes is closed at the next call instead, and all are closed when
+the daemon stops). Their QUERY_TAG names ingestd, the connection and the source as JSON
+(`{"app":"ingestd","connection":"sf","source":"orders"}`), so QUERY_HISTORY shows what ingestd
+ran for whom; their TIMEZONE is the NTZ zone above. A session that Snowflake expired (4 hours
+idle) is replaced by a new login without failing the call.
 
 Parameters. The connection uses the driver's `qmark` style, which binds values on the server:
 `{day}` is a DATE; `{start}` and `{end}` are TIMESTAMP_NTZ wall-clock times in the NTZ zone,
@@ -108,7 +108,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import datetime as dt
 import json
 import re
 import threading
@@ -118,8 +118,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-import datetime as dt
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -236,11 +234,15 @@ LOGIN_PREFIX = re.compile(r"^Failed to connect to DB: \S+\. ")
 
 
 def _errno(exc: BaseException) -> str | None:
+    if not type(exc).__module__.startswith("snowflake."):
+        return None  # an OSError's errno is not Snowflake's
     errno = getattr(exc, "errno", None)
     return f"{errno:06d}" if isinstance(errno, int) and errno > 0 else None
 
 
 def _sqlstate(exc: BaseException) -> str | None:
+    if not type(exc).__module__.startswith("snowflake."):
+        return None
     state = getattr(exc, "sqlstate", None)
     return state if isinstance(state, str) and state and state != "n/a" else None
 
@@ -456,18 +458,18 @@ class _Pool:
         self._closed = False
 
     def take(self, key: tuple[str | None, str]) -> _Session:
+        """An idle session of `key`, or a new login. Sessions idle too long (of any key) are
+        closed on the way."""
         stale: list[_Session] = []
         session = None
+        now = time.monotonic()
         with self._lock:
-            idle = self._idle.get(key, [])
-            while idle:
-                candidate = idle.pop()
-                if time.monotonic() - candidate.idle_since > IDLE_SECONDS:
-                    stale.append(candidate)
-                    continue
-                session = candidate
-                session.reused = True
-                break
+            for idle_key, idle in self._idle.items():
+                stale += [s for s in idle if now - s.idle_since > IDLE_SECONDS]
+                idle[:] = [s for s in idle if now - s.idle_since <= IDLE_SECONDS]
+                if idle_key == key and idle:
+                    session = idle.pop()
+                    session.reused = True
         for old in stale:
             _quiet_close(old.con)
         return session or _Session(self._connect(key), key)
@@ -636,6 +638,8 @@ class SnowflakeConnector(Connector):
     def _run(self, session: _Session, sql: str, params: list[Any] | None, stop: threading.Event) -> Any:
         """Run one query asynchronously in Snowflake and wait for it; abort it when `stop` is set.
         Returns the cursor holding its result."""
+        if stop.is_set():
+            raise _Stopped
         con = session.con
         cur = con.cursor()
         try:

@@ -14,7 +14,8 @@ Use the module-scoped fixture in a test module:
 (method, path, JSON body) and can answer what the emulator has no model for. The emulator's dry
 runs always estimate 0 bytes and list no referenced tables (it has no cost model), so a test
 sets `proxy.dry_run_bytes` / `proxy.dry_run_tables` to have dry runs answer like BigQuery does
-on a real table; every other byte of the answer is the emulator's own.
+on a real table; every other byte of the answer is the emulator's own. `delay_match` /
+`delay_seconds` hold requests whose path contains the text, like a query that takes a while.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ class RecordingProxy:
     requests: list[Recorded] = field(default_factory=list)
     dry_run_bytes: int | None = None
     dry_run_tables: list[dict[str, str]] = field(default_factory=list)
+    delay_match: str | None = None
+    delay_seconds: float = 0.0
     _server: http.server.ThreadingHTTPServer | None = None
 
     @property
@@ -174,6 +177,17 @@ class RecordingProxy:
         """The configuration of every query job sent (jobs.insert bodies)."""
         return [r.body["configuration"] for r in self.requests
                 if r.method == "POST" and isinstance(r.body, dict) and "configuration" in r.body]
+
+    def job_ids(self, dry_run: bool = False) -> list[str]:
+        """Ids of the jobs inserted (dry runs or real ones)."""
+        return [r.body["jobReference"]["jobId"] for r in self.requests
+                if r.method == "POST" and isinstance(r.body, dict) and "configuration" in r.body
+                and bool(r.body["configuration"].get("dryRun")) == dry_run and "jobReference" in r.body]
+
+    def cancelled(self) -> list[str]:
+        """Ids of the jobs a client asked to cancel."""
+        return [r.path.split("/jobs/")[1].split("/cancel")[0] for r in self.requests
+                if r.method == "POST" and "/cancel" in r.path]
 
     def start(self) -> "RecordingProxy":
         proxy = self
@@ -192,6 +206,8 @@ class RecordingProxy:
                 except ValueError:
                     body = None
                 proxy.requests.append(Recorded(self.command, self.path, body))
+                if proxy.delay_match and proxy.delay_match in self.path:
+                    time.sleep(proxy.delay_seconds)  # a slow BigQuery: the job "runs" this long
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=120)
                 try:

@@ -56,7 +56,8 @@ from plugins.bigquery import BigQueryConfig, BigQueryConnector, translate
 from tests.bqemulator import PROJECT, bqemulator, recording_proxy  # noqa: F401  (bqemulator: the fixture)
 from tests.support import ingestd, state_query
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -83,6 +84,13 @@ def connector_for(emu, *, endpoint: str | None = None, **config) -> BigQueryConn
     cfg = BigQueryConfig(project=PROJECT, anonymous=True, api_endpoint=endpoint or emu.endpoint,
                          storage_api_endpoint=emu.storage_endpoint, **config)
     return BigQueryConnector(cfg, name="bq")
+
+
+def unreachable_connector(**config) -> BigQueryConnector:
+    """A connector on a loopback port nobody listens on (the client's own retries off)."""
+    from tests.bqemulator import free_port
+    return BigQueryConnector(BigQueryConfig(project=PROJECT, anonymous=True, retry_seconds=0,
+                                            api_endpoint=f"http://127.0.0.1:{free_port()}", **config), name="bq")
 
 
 def day_query(table: str, day=DAY, where="ts >= {start} AND ts < {end}", columns="ts, user_id, event, value"):
@@ -145,6 +153,10 @@ class TestBigQueryConnector(ConnectorSuite):
         yield c
         await c.close()
 
+    @pytest.fixture
+    def broken_connector(self):
+        return unreachable_connector()
+
 
 class TestBigQueryConnectorWithStorageApi(ConnectorSuite):
     """The same bar with the Storage Read API on (the emulator's gRPC port): results of more than
@@ -162,6 +174,10 @@ class TestBigQueryConnectorWithStorageApi(ConnectorSuite):
         c = connector_for(bqemulator, use_storage_api=True, page_size=50)
         yield c
         await c.close()
+
+    @pytest.fixture
+    def broken_connector(self):
+        return unreachable_connector(use_storage_api=True)
 
 
 # -- plugin and config -------------------------------------------------------------------------------
@@ -364,9 +380,7 @@ async def test_access_denied_names_the_role_to_grant(bqemulator):
 
 
 async def test_an_unreachable_endpoint_is_a_transient_error():
-    from tests.bqemulator import free_port
-    c = BigQueryConnector(BigQueryConfig(project=PROJECT, anonymous=True, retry_seconds=0,
-                                         api_endpoint=f"http://127.0.0.1:{free_port()}"), name="bq")
+    c = unreachable_connector()
     with pytest.raises(TransientError) as err:
         await c.check()
     assert err.value.code == "connection" and "cannot reach BigQuery at http://127.0.0.1:" in str(err.value)
@@ -533,6 +547,40 @@ async def test_closing_a_fetch_stops_its_worker_thread(bqemulator, kit):
     assert alive == [], "the worker thread is stopped once the stream is closed"
     assert (await c.probe(day_query(kit.name))).rows == 300
     await c.close()
+
+
+async def test_a_cancelled_probe_or_fetch_cancels_its_job(bqemulator, kit):
+    """A slow job (the proxy holds getQueryResults for 3 s): cancelling the task that waits for
+    it asks BigQuery to cancel the job at once, and the task ends without waiting for the job."""
+    import time
+    await kit.insert(day_rows(DAY, 10))
+    query = day_query(kit.name)
+    with recording_proxy(bqemulator) as proxy:
+        proxy.delay_match, proxy.delay_seconds = "/queries/", 3.0
+        c = connector_for(bqemulator, endpoint=proxy.endpoint)
+        for step, call in (("probe", lambda: c.probe(query)), ("fetch", lambda: fetch_all(c, query))):
+            before = len(proxy.job_ids())
+            task = asyncio.create_task(call())
+            for _ in range(200):
+                if len(proxy.job_ids()) > before:
+                    break
+                await asyncio.sleep(0.02)
+            job_id = proxy.job_ids()[-1]
+            assert f"_{step}_" in job_id
+            await asyncio.sleep(0.2)  # the client is now waiting for the job's results
+            started = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(100):
+                if job_id in proxy.cancelled():
+                    break
+                await asyncio.sleep(0.02)
+            assert job_id in proxy.cancelled(), f"the {step} job was not cancelled"
+            assert time.monotonic() - started < 5.0
+        proxy.delay_match = None
+        assert (await c.probe(query)).rows == 10, "the connector is still usable"
+        await c.close()
 
 
 async def test_the_storage_read_client_reads_a_table_from_the_emulators_grpc_port(bqemulator, kit, bq_client):
@@ -706,5 +754,5 @@ def test_ingestd_check_names_a_missing_table(tmp_path, bqemulator, bq_client):
                                                "WHERE ts >= {start} AND ts < {end}")
     out = ingestd("check", config=cfg)
     assert out.returncode == 1, out.stdout + out.stderr
-    assert f"FAILED orders: connection bq: [notFound]" in out.stdout
+    assert "FAILED orders: connection bq: [notFound]" in out.stdout
     assert f"Table {PROJECT}.{ds}.no_such_events was not found" in out.stdout

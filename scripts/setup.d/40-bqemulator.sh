@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 
 BQEMULATOR_VERSION=1.4.0
 venv=.venvs/bqemulator
-python=${PYTHON:-python3}
+python=python3
 
 installed() {
   [ -x "$venv/bin/python" ] && "$venv/bin/python" - "$BQEMULATOR_VERSION" <<'EOF' >/dev/null 2>&1
