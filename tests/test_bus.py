@@ -238,10 +238,12 @@ def test_a_broker_outage_during_a_backfill_loses_no_event(tmp_path, warehouse):
         warehouse.add_events(day, 3000)
     cfg = bus_config(tmp_path, broker, connection_type="slowduck", extra_daemon="max_concurrent_loads = 1")
     env = cli_env([slow_plugin(tmp_path)], INGESTD_TEST_SLOW_S=str(max(0.05, OUTAGE_S / 60)))
-    watcher = Collector(broker.port, ["ingestd/test/event/#"], client_id="outage-watcher", persistent=True)
+    watcher = Collector(broker.port, ["ingestd/test/event/#", "ingestd/test/state"], client_id="outage-watcher",
+                        persistent=True)
     proc = start_daemon(cfg, env)
     try:
-        time.sleep(1.0)
+        wait_for(lambda: any(t.endswith("/state") and p.get("state") == "online" for t, p, _ in watcher.messages),
+                 what="online")
         answer, _, _ = asyncio.run(request(broker.port, "backfill", {
             "source": "orders", "from": days[0].isoformat(), "to": days[-1].isoformat()}))
         assert answer["status"] == "ok"
