@@ -99,8 +99,8 @@ class Bus:
                     self.client = client
                     attempt = 0
                     log.info("bus.connected", host=self.cfg.host, port=self.cfg.port, base=self.base)
-                    await client.publish(f"{self.base}/state", self._state("online"), qos=1, retain=True)
                     await client.subscribe(f"{self.base}/request/+", qos=1)
+                    await client.publish(f"{self.base}/state", self._state("online"), qos=1, retain=True)
                     self.connected.set()
                     self.dirty_sources |= set(self.daemon.config.sources)
                     self.pending.set()
