@@ -66,7 +66,9 @@ batches of at most `batch_rows` rows in another thread while the fetch thread wa
 chunk, and the kernel maps and writes the batch before while both work. Memory therefore holds a
 few batches, whatever the size of the day. Closing the stream early (or cancelling the load)
 stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
-CancelRequest) and closes the session, which closes the cursor.
+CancelRequest) and closes the session, which closes the cursor. TCP keepalives are on, and a
+session that hears nothing from the server for a minute past statement_timeout_ms is taken as
+lost (a transient error), so a dead network never hangs a load.
 
 Redshift's own limits on cursors: the whole result of a cursor is materialised on the leader
 node when the first row is fetched, so the first FETCH waits for the whole day query; only one
@@ -109,7 +111,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import math
 import queue
@@ -218,6 +219,9 @@ def connect_kwargs(config: RedshiftConfig) -> dict[str, Any]:
         "application_name": config.application_name,
         "timeout": config.timeout,
         "tcp_keepalive": True,
+        "tcp_keepalive_idle": 60,  # NAT gateways and load balancers drop idle flows; probe first
+        "tcp_keepalive_interval": 15,
+        "tcp_keepalive_count": 4,
     }
     if config.host:
         kw["host"] = config.host
@@ -239,6 +243,16 @@ def connect_kwargs(config: RedshiftConfig) -> dict[str, Any]:
         kw["user"] = config.user
         kw["password"] = config.password.reveal() if config.password is not None else None
     return kw
+
+
+def _supported(function, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Leave out the keepalive tuning options an older driver release does not know."""
+    import inspect
+    try:
+        known = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in known or not k.startswith("tcp_keepalive_")}
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -406,8 +420,6 @@ def _values(column: _Column, values: tuple) -> list | tuple:
 def rows_to_batch(columns: list[_Column], rows: list | tuple) -> pa.RecordBatch:
     """Rows as the driver gives them (lists of Python values) -> one Arrow record batch."""
     schema = pa.schema([pa.field(c.name, c.type) for c in columns])
-    if not rows:
-        return schema.empty_table().to_batches()[0] if columns else pa.record_batch([], schema=schema)
     arrays = []
     for column, values in zip(columns, zip(*rows)):
         try:
@@ -436,17 +448,18 @@ class _Session:
         if self._stopping.is_set():
             raise TransientError("the call was stopped")
         config = self.connector.config
-        con = driver.connect(**connect_kwargs(config))
+        con = driver.connect(**_supported(driver.connect, connect_kwargs(config)))
         with self._lock:
             self.con = con
         if self._stopping.is_set():
             raise TransientError("the call was stopped")
         usock = getattr(con, "_usock", None)
         if usock is not None:
-            # The driver's timeout is a socket timeout for the session's whole life; keep it for
-            # connecting only, so a long day query is bounded by statement_timeout_ms instead.
+            # The driver's timeout is a socket timeout for the session's whole life. Keep it for
+            # connecting only: a long day query is bounded by statement_timeout_ms, and a session
+            # that hears nothing for a minute past that (a dead peer, a lost network) is lost.
             with contextlib.suppress(OSError):
-                usock.settimeout(None)
+                usock.settimeout(config.statement_timeout_ms / 1000 + 60 if config.statement_timeout_ms else None)
         con.autocommit = True  # session settings, outside any transaction
         cursor = con.cursor()
         cursor.execute("SET timezone TO 'UTC'")

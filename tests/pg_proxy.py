@@ -61,6 +61,16 @@ class ProxyStats:
     super_columns: int = 0
 
 
+def _close(sock: socket.socket) -> None:
+    """Shut down, then close. Only shutdown() wakes another thread blocked in recv() or accept()
+    on the socket and makes the kernel send the FIN: a bare close() from another thread leaves
+    the connection open under that thread, and the peer would wait for ever."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -185,8 +195,7 @@ class RedshiftProxy:
 
     def stop(self) -> None:
         self._stopped.set()
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        _close(self._listener)  # shutdown wakes the thread blocked in accept()
         self.reset_connections()
         for t in self._threads:
             t.join(5)
@@ -204,10 +213,7 @@ class RedshiftProxy:
         for s in socks:
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
+            _close(s)
         return len(socks)
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -221,8 +227,7 @@ class RedshiftProxy:
             for s in socks:
                 self._sockets.discard(s)
         for s in socks:
-            with contextlib.suppress(OSError):
-                s.close()
+            _close(s)
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,21 @@ def find_bindir() -> Path:
     pytest.fail("PostgreSQL server binaries (initdb, postgres) are not installed: run ./scripts/test, "
                 "which installs the `postgresql` package (or apt-get install postgresql)", pytrace=False)
     raise AssertionError("unreachable")
+
+
+def _stop_with_parent():
+    """A function for the server's process to run before exec: a fast shutdown (SIGINT) when the
+    test process dies, however it dies (Linux only; elsewhere atexit and the fixture's teardown
+    stop it). libc is loaded here, in the test process: after the switch to the postgres user the
+    child may not be able to read this Python's files."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -131,6 +147,7 @@ class PostgresCluster:
             return {}
         return {"user": "postgres", "group": "postgres", "extra_groups": []}
 
+
     def init(self) -> "PostgresCluster":
         pwfile = self.folder / "pwfile"
         pwfile.write_text(SUPERUSER_PASSWORD + "\n")
@@ -165,6 +182,7 @@ class PostgresCluster:
         try:
             # Same process group as the tests: a Ctrl-C in the terminal also stops it (fast shutdown).
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_stop_with_parent(),
                                          **self._as_owner())
         finally:
             log.close()

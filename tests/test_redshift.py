@@ -125,6 +125,12 @@ class PgKitTable:
         await asyncio.to_thread(self._write, f"UPDATE {self.name} SET value = %s WHERE user_id = %s", [(value, user_id)])
 
 
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class TestRedshiftConnector(ConnectorSuite):
     """fetch_size 64 against batch_rows 100: batches are cut across FETCH chunks."""
 
@@ -133,20 +139,21 @@ class TestRedshiftConnector(ConnectorSuite):
         return PgKitTable(pg)
 
     @pytest.fixture
+    def broken_connector(self):
+        return RedshiftConnector(RedshiftConfig(database=DB, host="127.0.0.1", port=closed_port(), user=USER,
+                                                password=Secret(PASSWORD), ssl=False), name="kit-broken")
+
+    @pytest.fixture
     async def connector(self, proxy):
         c = connector(proxy, fetch_size=64)
         yield c
         await c.close()
 
 
-class TestRedshiftConnectorLargeFetches(ConnectorSuite):
+class TestRedshiftConnectorLargeFetches(TestRedshiftConnector):
     """fetch_size above batch_rows: one FETCH chunk is cut into several batches."""
 
     batch_rows = 40
-
-    @pytest.fixture
-    def kit_table(self, pg):
-        return PgKitTable(pg)
 
     @pytest.fixture
     async def connector(self, proxy):
@@ -355,13 +362,15 @@ async def test_bad_sql_is_a_permanent_error_with_its_sqlstate_and_a_plain_senten
          'the query names a table or view that does not exist: relation "no_such_table" does not exist'),
         (f"SELECT no_such_column FROM {table} WHERE ts >= {{start}}", "42703",
          'the query names a column that does not exist: column "no_such_column" does not exist'),
-        (f"SELECT 1 / 0 AS x FROM {table} WHERE ts >= {{start}} OR true", "22012",
+        (f"SELECT ts FROM {table} WHERE ts >= {{start}} AND 1 / (length(event) - 5) = 1", "22012",
          "a value in the data could not be converted or computed: division by zero"),
     ]
     add_events(pg, table, DAY, 3)
     for text, code, message in cases:
         query = day_query(text)
         for call in ("check", "probe", "fetch"):
+            if code == "22012" and call == "check":
+                continue  # check reads no row (LIMIT 0), so nothing is divided
             with pytest.raises(PermanentError) as err:
                 if call == "fetch":
                     async for _ in c.fetch(query, 10):
@@ -402,7 +411,7 @@ async def test_check_names_the_missing_grant(pg, proxy):
     ("42501", "permission denied for table t", False),
     ("22P02", "invalid input syntax for type integer", False),
     ("0A000", "feature not supported", False),
-    ("XX000", "Invalid digit, Value 'x', Pos 0", False),
+    ("XX000", "Invalid digit, Value x, Pos 0, Type: Integer", False),
 ])
 async def test_server_errors_are_sorted_by_sqlstate(pg, proxy, code, message, transient):
     c = connector(proxy)
@@ -434,9 +443,7 @@ async def test_a_statement_running_past_statement_timeout_ms_is_permanent(proxy)
 
 
 async def test_a_refused_connection_is_transient():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()
     c = RedshiftConnector(RedshiftConfig(database=DB, host="127.0.0.1", port=port, user=USER,
                                          password=Secret(PASSWORD), ssl=False), name="rs")
     with pytest.raises(TransientError) as err:
