@@ -36,6 +36,12 @@ sends SIGTERM to the workers still running, which close their fetch the connecto
 itself when its parent process dies.
 
 The probe is not sliced: it stays one `COUNT(*)` over the whole day.
+
+Start-up: the forkserver starts with the first sliced load of a process (~0.5 s) and each worker
+then takes ~0.2 s to import the plugins and connect, so slices pay off on days that take more than
+a few seconds. As with any multiprocessing start method but "fork", each worker imports the
+parent's `__main__` module: a program that embeds the kernel and runs sliced loads must guard its
+entry point with `if __name__ == "__main__":` (the `ingestd` command does).
 """
 
 from __future__ import annotations
