@@ -41,19 +41,38 @@ def bus_config(tmp_path, broker, **kw):
 
 
 class Collector:
-    """Subscribes (in a thread of its own event loop) and keeps every message it sees."""
+    """Subscribes (in a thread of its own event loop) and keeps every message it sees. Every
+    collector is closed when its test ends (`_close_collectors`)."""
+
+    open: list["Collector"] = []
 
     def __init__(self, port, topics, *, client_id=None, persistent=False):
         import threading
         self.port, self.topics = port, topics
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task | None = None
         self.messages: list[tuple[str, dict | bytes, bool]] = []
         self.ready = threading.Event()
         self.stop_flag = False
         self.client_id = client_id
         self.persistent = persistent
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        Collector.open.append(self)
         self.thread.start()
         assert self.ready.wait(10), "collector did not subscribe"
+
+    def close(self):
+        self.stop_flag = True
+        if self.loop is not None and self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(10)
+
+    async def _main(self):
+        self.loop, self.task = asyncio.get_running_loop(), asyncio.current_task()
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            pass
 
     async def _run(self):
         while not self.stop_flag:
@@ -77,6 +96,13 @@ class Collector:
 
     def events(self, kind=None):
         return [p for t, p, _ in self.messages if "/event/" in t and (kind is None or p.get("type") == kind)]
+
+
+@pytest.fixture(autouse=True)
+def _close_collectors():
+    yield
+    while Collector.open:
+        Collector.open.pop().close()
 
 
 async def request(port, command, body, *, props=True, timeout=15, username=None, password=None):

@@ -334,6 +334,43 @@ async def test_every_redshift_type_arrives_as_its_arrow_type_and_maps_to_the_sch
     assert (row["numerator"], row["denominator"]) == (9000000000.0, -7.0)
 
 
+async def test_timestamps_decoded_from_wire_integers_equal_the_drivers_own_datetimes(pg, proxy):
+    """The fetch keeps TIMESTAMP/TIMESTAMPTZ as the wire's int64 and converts whole columns in
+    Arrow, through its own DataRow handler (the other types' values are compared with the
+    driver's in the test above); every value, including ±infinity and values outside Python's datetime range (which the
+    driver clamps to datetime.min/max), must come out as the driver's own decoding gives it."""
+    import redshift_connector
+
+    name = f"stamps_{next(_names)}"
+    sql(pg, f"CREATE TABLE {name} (n int, ts TIMESTAMP, tz TIMESTAMPTZ)")
+    sql(pg, f"GRANT SELECT ON {name} TO {USER}")
+    sql(pg, f"""INSERT INTO {name} VALUES
+        (1, '2026-03-10 08:30:00.123456', '2026-03-10 08:30:00.123456+00'), (2, '1999-12-31 23:59:59.999999',
+         '1969-07-20 20:17:40+00'), (3, '2000-01-01', '2000-01-01 00:00:00+00'), (4, '0001-01-01', '0001-01-01+00'),
+        (5, '9999-12-31 23:59:59.999999', '9999-12-31 23:59:59.999999+00'), (6, 'infinity', 'infinity'),
+        (7, '-infinity', '-infinity'), (8, '12000-01-01', '12000-01-01+00'), (9, '4000-01-01 BC', '4000-01-01 BC'),
+        (10, NULL, NULL)""")
+    query = f"SELECT n, ts, tz FROM {name} ORDER BY n"
+    bound = day_query(f"SELECT n, ts, tz FROM {name} WHERE {{day}} IS NOT NULL ORDER BY n")
+    got = pa.Table.from_batches([b async for b in connector(proxy).fetch(bound, 100)]).to_pylist()
+
+    con = redshift_connector.connect(host=proxy.host, port=proxy.port, database=DB, user=USER, password=PASSWORD,
+                                     ssl=False)
+    try:
+        cur = con.cursor()
+        cur.execute("SET timezone TO 'UTC'")
+        cur.execute(query)
+        expected = cur.fetchall()
+        assert {1114, 1184, 1043} <= redshift.use_raw_values(con), "this driver version keeps its own decoders"
+        assert redshift.use_fast_data_rows(con), "this driver version keeps its own DataRow handler"
+    finally:
+        con.close()
+    assert len(got) == len(expected) == 10
+    for row, (n, ts, tz) in zip(got, expected):
+        tz = tz if tz is None or tz.tzinfo else tz.replace(tzinfo=dt.UTC)  # the driver's clamp drops the zone
+        assert (row["n"], row["ts"], row["tz"]) == (n, ts, tz), n
+
+
 def test_numeric_types_follow_the_declared_precision():
     modifier = lambda p, s: ((p << 16) | s) + 4  # noqa: E731  (what the server sends for NUMERIC(p, s))
     assert redshift.arrow_type(1700, modifier(38, 10)) == pa.decimal128(38, 10)
