@@ -299,8 +299,18 @@ COMMANDS = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "load": 
             "backfill": cmd_backfill, "status": cmd_status, "usage": cmd_usage}
 
 
+def use_system_memory_pool() -> None:
+    """Arrow's default pool (mimalloc or jemalloc) keeps memory it freed for reuse, so a daemon's
+    RSS settles at the peak of its largest load; the system allocator gives it back. An operator's
+    ARROW_DEFAULT_MEMORY_POOL wins."""
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        import pyarrow as pa
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    use_system_memory_pool()
     try:
         if args.command == "request":
             from .bus_cli import cmd_request
