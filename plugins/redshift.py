@@ -60,11 +60,15 @@ timeout and application name set) and closes it when done, so nothing is held be
 `probe` runs `SELECT COUNT(*) FROM (<day query>) q`. `fetch` streams: in a transaction it runs
 `DECLARE ingestd_<id> CURSOR FOR <day query>` and then `FETCH FORWARD fetch_size` until the
 cursor is drained. A plain `execute` + `fetchmany` would not do: redshift-connector reads the
-whole result into memory first. The fetching runs in a thread of its own that hands chunks of
-rows through a bounded queue (about one batch ahead); the rows are turned into Arrow record
-batches of at most `batch_rows` rows in another thread while the fetch thread waits for the next
-chunk, and the kernel maps and writes the batch before while both work. Memory therefore holds a
-few batches, whatever the size of the day. Closing the stream early (or cancelling the load)
+whole result into memory first. The fetching runs in a thread of its own, which decodes each
+FETCH's rows, turns them into an Arrow record batch and hands it on through a bounded queue
+(about one `batch_rows` ahead), while the kernel maps and writes the batches before (in DuckDB
+or the sink's driver, without the interpreter lock). Memory therefore holds a few batches,
+whatever the size of the day. Decoding is the limit of one stream, so the fetch session decodes
+faster than the driver's defaults: timestamps and text stay wire values that Arrow converts a
+column at a time, and rows are cut by a DataRow handler that sets itself up once per result
+(see `use_raw_values` and `use_fast_data_rows`; `BENCHMARKS.md` has the figures). For more than
+one core's worth of decoding, set the source's `slices`. Closing the stream early (or cancelling the load)
 stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
 CancelRequest) and closes the session, which closes the cursor. TCP keepalives are on, and a
 session that hears nothing from the server for a minute past statement_timeout_ms is taken as

@@ -1,6 +1,7 @@
 """The MQTT bus against a real mosquitto that this module starts on a free loopback port."""
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -63,8 +64,9 @@ class Collector:
 
     def close(self):
         self.stop_flag = True
-        if self.loop is not None and self.task is not None:
-            self.loop.call_soon_threadsafe(self.task.cancel)
+        if self.thread.is_alive() and self.loop is not None and self.task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
+                self.loop.call_soon_threadsafe(self.task.cancel)
         self.thread.join(10)
 
     async def _main(self):
