@@ -16,6 +16,7 @@ from collections.abc import Callable
 from . import backfill as backfills
 from . import logs
 from .config import Config, load_config
+from .errors import ConfigError
 from .events import DaemonStarted, DaemonStopping
 from .ingest import recover
 from .notify import Notifier, watchdog_interval
@@ -197,6 +198,17 @@ class Daemon:
             log.error("config.reload_refused", error=str(exc))
             self.notifier.ready(self.status_line())
             return
+        try:
+            new_sinks = await self._open_changed_sinks(new)
+        except Exception as exc:
+            log.error("config.reload_refused", error=str(exc))
+            self.notifier.ready(self.status_line())
+            return
+        restart_needed = [f"daemon.{k}" for k in ("state_path", "log_level", "max_concurrent_loads")
+                          if getattr(new.daemon, k) != getattr(self.config.daemon, k)]
+        restart_needed += ["bus"] if new.bus != self.config.bus else []
+        if restart_needed:
+            log.warning("config.restart_needed", keys=restart_needed)
         added = sorted(set(new.sources) - set(self.config.sources))
         removed = sorted(set(self.config.sources) - set(new.sources))
         changed = sorted(n for n in set(new.sources) & set(self.config.sources)
@@ -204,6 +216,11 @@ class Daemon:
         old_connections = self.config.connections
         self.config = new
         rt.config = new
+        for name in set(rt.sinks) - set(new.sinks):
+            rt.retire_sink(name)
+        for name, sink in new_sinks.items():
+            rt.retire_sink(name)
+            rt.sinks[name] = sink
         for name, plugged in list(rt.connectors.items()):
             if name not in new.connections or new.connections[name] != old_connections.get(name):
                 conn = rt.connectors.pop(name)
@@ -214,8 +231,31 @@ class Daemon:
             if new.sources[name].enabled:
                 self._start_window(name, "due", lambda n=name: run_due(rt, n, dt.datetime.now(dt.UTC)))
         self.wake.set()
-        log.info("config.reloaded", added=added, removed=removed, changed=changed)
+        log.info("config.reloaded", added=added, removed=removed, changed=changed, sinks=sorted(new_sinks))
         self.notifier.ready(self.status_line())
+
+
+    async def _open_changed_sinks(self, new) -> dict:
+        """Open the sinks that a reload adds or changes; all of them, or none (a sink that fails
+        to open refuses the reload, and the ones opened before it are closed again)."""
+        opened: dict = {}
+        try:
+            for name, plugged in new.sinks.items():
+                if self.config.sinks.get(name) == plugged:
+                    continue
+                sink = self.plugins.registry.sinks[plugged.type](plugged.config, name=name)
+                try:
+                    await sink.open()
+                except Exception as exc:
+                    raise ConfigError(f"sinks.{name}", f"could not be opened: {exc}",
+                                      file=str(self.config.file)) from exc
+                opened[name] = sink
+        except BaseException:
+            for sink in opened.values():
+                with contextlib.suppress(Exception):
+                    await sink.close()
+            raise
+        return opened
 
 
 def run_forever(config_path: str) -> int:

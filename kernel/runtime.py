@@ -58,6 +58,9 @@ class Runtime:
                                 on_events=self.dispatch)
         self.connectors: dict[str, Connector] = {}
         self.sinks: dict[str, Sink] = {}
+        self.retired_sinks: list[Sink] = []
+        """Sinks a reload replaced or removed: loads that started before may still use them, so
+        they are closed with the runtime."""
         self.slots = asyncio.Semaphore(config.daemon.max_concurrent_loads)
         self._partition_locks: dict[tuple[str, dt.date], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.activity: dict[str, str] = {}
@@ -81,12 +84,18 @@ class Runtime:
         for c in self.connectors.values():
             with contextlib.suppress(Exception):
                 await c.close()
-        for s in self.sinks.values():
+        for s in [*self.sinks.values(), *self.retired_sinks]:
             with contextlib.suppress(Exception):
                 await s.close()
         self.connectors.clear()
         self.sinks.clear()
+        self.retired_sinks.clear()
         await self.state.close()
+
+    def retire_sink(self, name: str) -> None:
+        sink = self.sinks.pop(name, None)
+        if sink is not None:
+            self.retired_sinks.append(sink)
 
     def connector(self, name: str) -> Connector:
         if name not in self.connectors:

@@ -166,6 +166,54 @@ def test_sighup_adds_a_source_and_refuses_an_invalid_config(tmp_path, warehouse,
     assert reloaded and reloaded[0]["added"] == ["copy"]
 
 
+def test_sighup_adds_a_sink_and_refuses_one_that_cannot_open(tmp_path, warehouse):
+    """A reload opens the sinks it adds or changes before it takes effect: one that cannot be
+    opened refuses the whole reload (the old config keeps running); a good one receives the rows
+    of a source added with it, without a restart."""
+    warehouse.add_events(YESTERDAY, 100)
+    cfg = write_config(tmp_path, schedule='["0 0 1 1 *"]', recheck="[]", lookback=1)
+    good = cfg.read_text().replace("[sources.orders]\n", '[sources.orders]\nsink = "main"\n', 1)
+    assert 'sink = "main"' in good
+    cfg.write_text(good)
+    (tmp_path / "a-file").write_text("not a folder")
+    source = ('\n[sources.copy]\nconnection = "wh"\nkind = "events"\nsink = "other"\n'
+              'query = "SELECT ts, user_id, event, value FROM events_raw WHERE ts >= {start} AND ts < {end}"\n'
+              'schedule = ["0 0 * * *"]\n[sources.copy.recheck]\nlookback_days = 1\n'
+              '[sources.copy.mapping]\ntimestamp = "ts"\nevent_name = "event"\nids = { user_id = "user_id" }\n')
+    proc = spawn_ingestd("run", config=cfg, env=cli_env())
+    try:
+        wait_for(lambda: (tmp_path / "state.db").exists(), what="the daemon to start")
+        time.sleep(1.0)
+        cfg.write_text(good + '\n[sinks.other]\ntype = "duckdb"\npath = "a-file/other.duckdb"\n' + source)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert proc.poll() is None
+        assert not state_query(tmp_path / "state.db", "SELECT 1 FROM runs WHERE source = 'copy'")
+        cfg.write_text(good.replace("batch_rows = 1000", "batch_rows = 1000\nmax_concurrent_loads = 3", 1)
+                       + '\n[sinks.other]\ntype = "duckdb"\npath = "other.duckdb"\n' + source)
+        proc.send_signal(signal.SIGHUP)
+        try:
+            wait_for(lambda: state_query(tmp_path / "state.db",
+                                         "SELECT 1 FROM runs WHERE source = 'copy' AND status = 'succeeded'"),
+                     what="the added source to load into the added sink")
+        except AssertionError:
+            proc.kill()
+            raise AssertionError(proc.stdout.read()[-3000:] + proc.stderr.read()[-2000:]) from None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sink_rows(tmp_path / "other.duckdb", "copy", YESTERDAY) == 100
+    out = proc.stdout.read()
+    refused = [json.loads(l) for l in out.splitlines() if '"config.reload_refused"' in l]
+    assert refused and "sinks.other: could not be opened" in refused[0]["error"], out[-2000:]
+    reloaded = [json.loads(l) for l in out.splitlines() if '"config.reloaded"' in l]
+    assert reloaded and reloaded[0]["sinks"] == ["other"] and reloaded[0]["added"] == ["copy"]
+    restart = [json.loads(l) for l in out.splitlines() if '"config.restart_needed"' in l]
+    assert restart and restart[0]["keys"] == ["daemon.max_concurrent_loads"]
+
+
 def test_logs_are_json_lines_with_stable_keys(tmp_path, warehouse):
     warehouse.add_events(D, 10)
     cfg = write_config(tmp_path, lookback=1)
