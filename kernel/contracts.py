@@ -60,6 +60,14 @@ class Connector(ABC):
     def __init__(self, config: Any, *, name: str):
         self.config = config
         self.name = name
+        self.capabilities = self.capabilities_for(config)
+
+    @classmethod
+    def capabilities_for(cls, config: Any) -> Capabilities:
+        """The capabilities of a connection with this config: `capabilities` unless the config
+        changes them (e.g. a `fingerprint = false` key). The kernel checks sources against this
+        when it reads the config, before any connector exists. Since API version 1."""
+        return cls.capabilities
 
     @abstractmethod
     async def check(self, query: DayQuery | None = None) -> None:

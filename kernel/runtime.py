@@ -132,9 +132,11 @@ def check_capabilities(config: Config, plugins: LoadedPlugins) -> None:
     for name, src in config.sources.items():
         conn = config.connections[src.connection]
         cls = plugins.registry.connectors[conn.type]
-        if src.recheck.detect == "checksum" and not cls.capabilities.fingerprint:
-            errors.append(ConfigError(f"sources.{name}.recheck.detect", f"connector type {conn.type!r} gives no "
-                                      "content fingerprint; use detect = \"count\"", file=str(config.file)))
+        if src.recheck.detect == "checksum" and not cls.capabilities_for(conn.config).fingerprint:
+            why = (f"connector type {conn.type!r} gives no content fingerprint" if not cls.capabilities.fingerprint
+                   else f"connection {src.connection!r} is configured without content fingerprints")
+            errors.append(ConfigError(f"sources.{name}.recheck.detect", f"{why}; use detect = \"count\"",
+                                      file=str(config.file)))
     if errors:
         raise ConfigErrors(errors)
 

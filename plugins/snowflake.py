@@ -549,10 +549,13 @@ class SnowflakeConnector(Connector):
     config_model = SnowflakeConfig
     capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"')
 
+    @classmethod
+    def capabilities_for(cls, config: SnowflakeConfig) -> Capabilities:
+        return Capabilities(fingerprint=config.fingerprint, paramstyle="qmark",
+                            quote="" if config.lowercase_columns else '"')
+
     def __init__(self, config: SnowflakeConfig, *, name: str):
         super().__init__(config, name=name)
-        self.capabilities = Capabilities(fingerprint=config.fingerprint, paramstyle="qmark",
-                                         quote="" if config.lowercase_columns else '"')
         self._pool = _Pool(self._connect)
         self._private_key: bytes | None = None
 

@@ -816,3 +816,19 @@ def test_the_daemon_reports_bad_credentials_as_a_failed_run_with_the_reason(tmp_
     reason = state_query(tmp_path / "state.db", "SELECT reason FROM runs")[0][0]
     assert reason.startswith("[390100 (28000)] Snowflake refused the login of user ingestd")
     assert "wrong-pw" not in out.stdout + out.stderr + reason
+
+
+def test_checksum_on_a_connection_without_fingerprints_is_a_config_error(tmp_path):
+    """`fingerprint = false` on the connection and `detect = "checksum"` on a source cannot both
+    hold: the config is refused with the source's key named, before anything connects."""
+    text = E2E_CONFIG.format(user="nobody", db="nodb", port=9).replace('detect = "count"', 'detect = "checksum"')
+    assert "\nfingerprint = false" in text
+    cfg = tmp_path / "daemon.toml"
+    cfg.write_text(text)
+    out = ingestd("check", config=cfg, env=cli_env(SF_TEST_PASSWORD="x"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert (f'{cfg}: sources.orders.recheck.detect: connection \'sf\' is configured without content '
+            'fingerprints; use detect = "count"') in out.stderr
+    cfg.write_text(text.replace("fingerprint = false", "fingerprint = true"))
+    out = ingestd("check", config=cfg, env=cli_env(SF_TEST_PASSWORD="x"))
+    assert "recheck.detect" not in out.stderr
