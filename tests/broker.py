@@ -50,6 +50,13 @@ class Mosquitto:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
 
+    def kill(self) -> None:
+        """kill -9: no goodbye to clients, nothing saved beyond the last autosave."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
