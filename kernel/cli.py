@@ -18,6 +18,7 @@ from .ingest import load_partition, recover
 from .planner import load_windows, recheck_windows, run_due
 from .plugins import LoadedPlugins, load_plugins
 from .query import DayWindow
+from .memory import use_system_memory_pool
 from .runtime import Runtime, check_capabilities
 from .state import StateStore
 
@@ -297,15 +298,6 @@ def cmd_usage(args) -> int:
 
 COMMANDS = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "load": cmd_load,
             "backfill": cmd_backfill, "status": cmd_status, "usage": cmd_usage}
-
-
-def use_system_memory_pool() -> None:
-    """Arrow's default pool (mimalloc or jemalloc) keeps memory it freed for reuse, so a daemon's
-    RSS settles at the peak of its largest load; the system allocator gives it back. An operator's
-    ARROW_DEFAULT_MEMORY_POOL wins."""
-    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-        import pyarrow as pa
-        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def main(argv: list[str] | None = None) -> int:

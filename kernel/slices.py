@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from . import logs
+from .memory import use_system_memory_pool
 from .contracts import SourceInfo
 from .errors import ConnectorError, PermanentError, TransientError
 from .query import DayQuery, DayWindow, ParamStyle, quote_ident, render
@@ -372,6 +373,7 @@ def worker_main(task: SliceTask, conn) -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
         _exit_with_parent()
+        use_system_memory_pool()
         logs.configure(task.log_level, stream=sys.stderr)
         logs.set_secrets(list(task.secrets))
         code = asyncio.run(_pump(task, conn))
