@@ -15,10 +15,10 @@ from . import logs
 from .config import Config, load_config
 from .errors import ConfigErrors, IngestdError, StateError
 from .ingest import load_partition, recover
+from .memory import use_system_memory_pool
 from .planner import load_windows, recheck_windows, run_due
 from .plugins import LoadedPlugins, load_plugins
 from .query import DayWindow
-from .memory import use_system_memory_pool
 from .runtime import Runtime, check_capabilities
 from .state import StateStore
 

@@ -194,11 +194,6 @@ class Daemon:
             new = load_config(self.config.file, self.plugins.registry, self.plugins.errors())
             from .runtime import check_capabilities
             check_capabilities(new, self.plugins)
-        except Exception as exc:
-            log.error("config.reload_refused", error=str(exc))
-            self.notifier.ready(self.status_line())
-            return
-        try:
             new_sinks = await self._open_changed_sinks(new)
         except Exception as exc:
             log.error("config.reload_refused", error=str(exc))
@@ -233,7 +228,6 @@ class Daemon:
         self.wake.set()
         log.info("config.reloaded", added=added, removed=removed, changed=changed, sinks=sorted(new_sinks))
         self.notifier.ready(self.status_line())
-
 
     async def _open_changed_sinks(self, new) -> dict:
         """Open the sinks that a reload adds or changes; all of them, or none (a sink that fails

@@ -64,9 +64,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from . import logs
-from .memory import use_system_memory_pool
 from .contracts import SourceInfo
 from .errors import ConnectorError, PermanentError, TransientError
+from .memory import use_system_memory_pool
 from .query import DayQuery, DayWindow, ParamStyle, quote_ident, render
 
 if TYPE_CHECKING:

@@ -68,8 +68,8 @@ whatever the size of the day. Decoding is the limit of one stream, so the fetch 
 faster than the driver's defaults: timestamps and text stay wire values that Arrow converts a
 column at a time, and rows are cut by a DataRow handler that sets itself up once per result
 (see `use_raw_values` and `use_fast_data_rows`; `BENCHMARKS.md` has the figures). For more than
-one core's worth of decoding, set the source's `slices`. Closing the stream early (or cancelling the load)
-stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
+one core's worth of decoding, set the source's `slices`. Closing the stream early (or cancelling
+the load) stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
 CancelRequest) and closes the session, which closes the cursor. TCP keepalives are on, and a
 session that hears nothing from the server for a minute past statement_timeout_ms is taken as
 lost (a transient error), so a dead network never hangs a load.

@@ -299,6 +299,17 @@ def load_config(folder: Path, connection: str, *, slices: int = 1, batch_rows: i
     return folder
 
 
+def write_sources_config(folder: Path, warehouse: Path, n: int, *, daemon: str, schedule: str, recheck: str) -> None:
+    """daemon.toml with `n` identical event sources s0000… on the DuckDB warehouse file."""
+    text = f'[daemon]\nstate_path = "state.db"\n{daemon}\n\n[sinks.main]\ntype = "duckdb"\npath = "analytics.duckdb"\n'
+    text += duckdb_connection(warehouse)
+    for i in range(n):
+        text += (f'\n[sources.s{i:04d}]\nconnection = "wh"\nkind = "events"\nquery = "{PG_SQL}"\n'
+                 f'schedule = {schedule}\n\n[sources.s{i:04d}.recheck]\n{recheck}\n\n'
+                 f'[sources.s{i:04d}.mapping]\n') + MAPPING_TOML
+    (folder / "daemon.toml").write_text(text)
+
+
 def load_day(folder: Path, day: dt.date, expect: int, *, tree: bool = False) -> dict:
     res = ingestd(folder, "load", "bench", "--day", day.isoformat(), tree=tree)
     [(status, fetched, written, ms)] = state(folder, "SELECT status, rows_fetched, rows_written, duration_ms FROM runs "
@@ -327,31 +338,9 @@ def recheck_cost(base: Path, batch_rows: int) -> dict:
                     f"FROM range({RECHECK_DAYS * RECHECK_ROWS_PER_DAY}) t(i)", [dt.datetime.combine(first, dt.time())])
 
     def config(recheck: str) -> None:
-        text = textwrap.dedent(f"""
-            [daemon]
-            state_path = "state.db"
-            batch_rows = {batch_rows}
-            max_concurrent_loads = 4
-
-            [sinks.main]
-            type = "duckdb"
-            path = "analytics.duckdb"
-            """) + duckdb_connection(wh)
-        for i in range(RECHECK_SOURCES):
-            text += textwrap.dedent(f"""
-                [sources.s{i:02d}]
-                connection = "wh"
-                kind = "events"
-                query = "{PG_SQL}"
-                schedule = ["0 6 * * *"]
-
-                [sources.s{i:02d}.recheck]
-                schedule = {recheck}
-                lookback_days = {RECHECK_DAYS}
-
-                [sources.s{i:02d}.mapping]
-                """) + MAPPING_TOML
-        (folder / "daemon.toml").write_text(text)
+        write_sources_config(folder, wh, RECHECK_SOURCES, daemon=f"batch_rows = {batch_rows}\nmax_concurrent_loads = 4",
+                             schedule='["0 6 * * *"]',
+                             recheck=f"schedule = {recheck}\nlookback_days = {RECHECK_DAYS}")
 
     at = lambda hh, mm: f"{DAY + dt.timedelta(days=1)}T{hh:02d}:{mm:02d}:00+00:00"  # noqa: E731
     config("[]")
@@ -399,29 +388,8 @@ def schedule_scale(base: Path, idle_seconds: float) -> dict:
         with duckdb.connect(str(wh)) as con:
             con.execute("CREATE TABLE events (ts TIMESTAMP, unit_id VARCHAR, event_name VARCHAR, value VARCHAR, "
                         "metadata VARCHAR)")
-        text = textwrap.dedent("""
-            [daemon]
-            state_path = "state.db"
-            log_level = "info"
-
-            [sinks.main]
-            type = "duckdb"
-            path = "analytics.duckdb"
-            """) + duckdb_connection(wh)
-        for i in range(n):
-            text += textwrap.dedent(f"""
-                [sources.s{i:04d}]
-                connection = "wh"
-                kind = "events"
-                query = "{PG_SQL}"
-                schedule = ["0 0 29 2 *"]
-
-                [sources.s{i:04d}.recheck]
-                schedule = ["0 12 29 2 *"]
-
-                [sources.s{i:04d}.mapping]
-                """) + MAPPING_TOML
-        (folder / "daemon.toml").write_text(text)
+        write_sources_config(folder, wh, n, daemon='log_level = "info"', schedule='["0 0 29 2 *"]',
+                             recheck='schedule = ["0 12 29 2 *"]')
         log = open(folder / "daemon.log", "wb")
         t0 = time.monotonic()
         proc = subprocess.Popen([PY, "-m", "kernel.cli", "-c", str(folder / "daemon.toml"), "run"], stdout=log,
