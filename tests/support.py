@@ -106,7 +106,7 @@ def cli_env(extra_path: list[Path] | None = None, **env: str) -> dict[str, str]:
 
 def ingestd(*args: str, config: Path | None = None, env: dict | None = None, timeout: float = 120,
             check: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "kernel.cli"] + (["-c", str(config)] if config else []) + list(args)
+    cmd = [sys.executable, "-m", "ingestd"] + (["-c", str(config)] if config else []) + list(args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env or cli_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"ingestd {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -114,7 +114,7 @@ def ingestd(*args: str, config: Path | None = None, env: dict | None = None, tim
 
 
 def spawn_ingestd(*args: str, config: Path, env: dict | None = None, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "kernel.cli", "-c", str(config), *args]
+    cmd = [sys.executable, "-m", "ingestd", "-c", str(config), *args]
     return subprocess.Popen(cmd, env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -140,10 +140,10 @@ SLOW_PLUGIN = '''
 """Test plugin: the DuckDB connector, slowed down per batch (INGESTD_TEST_SLOW_S seconds),
 so a test can kill or disturb a load while it is running."""
 import asyncio, os
-from kernel import hookimpl
-from plugins.duckdb_connector import DuckDBConnector
+from ingestd import hookimpl
+from ingestd.plugins.duckdb.connector import DuckDBConnector
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 class SlowDuck(DuckDBConnector):
@@ -198,11 +198,11 @@ FAULT_PLUGIN = '''
   file INGESTD_TEST_DISK_FULL exists."""
 import errno, os
 from pathlib import Path
-from kernel import TransientError, hookimpl
-from plugins.duckdb_connector import DuckDBConnector
-from plugins.duckdb_sink import DuckDBSink
+from ingestd import TransientError, hookimpl
+from ingestd.plugins.duckdb.connector import DuckDBConnector
+from ingestd.plugins.duckdb_sink.sink import DuckDBSink
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 def _take_drop():

@@ -45,14 +45,15 @@ import pyarrow as pa
 import pytest
 from structlog.testing import capture_logs
 
-from kernel import PermanentError, Registry, SourceInfo, TransientError, build_model
-from kernel.models import ConfigErrors
-from kernel.query import DayWindow, render
-from kernel.schema import Mapping, RowMapper
-from kernel.testing import ConnectorSuite
-from kernel.testing.connector_suite import DAY, day_rows
-from plugins import bigquery as bq
-from plugins.bigquery import BigQueryConfig, BigQueryConnector, translate
+from ingestd import PermanentError, Registry, SourceInfo, TransientError, build_model
+from ingestd.core.models import ConfigErrors
+from ingestd.core.query import DayWindow, render
+from ingestd.core.schema import Mapping, RowMapper
+from ingestd.testing import ConnectorSuite
+from ingestd.testing.connector_suite import DAY, day_rows
+import ingestd.plugins.bigquery as bigquery_plugin
+from ingestd.plugins.bigquery import connector as bq
+from ingestd.plugins.bigquery.connector import BigQueryConfig, BigQueryConnector, translate
 from tests.bqemulator import PROJECT, bqemulator, recording_proxy  # noqa: F401  (bqemulator: the fixture)
 from tests.support import ingestd, state_query
 
@@ -184,9 +185,9 @@ class TestBigQueryConnectorWithStorageApi(ConnectorSuite):
 
 def test_registers_the_bigquery_type_and_declares_its_api():
     registry = Registry()
-    bq.ingestd_register(registry)
+    bigquery_plugin.ingestd_register(registry)
     assert registry.connectors["bigquery"] is BigQueryConnector
-    assert bq.INGESTD_API == (1, 1)
+    assert bigquery_plugin.INGESTD_API == (2, 2)
     caps = BigQueryConnector.capabilities
     assert (caps.fingerprint, caps.paramstyle, caps.quote) == (True, "at", "`")
 

@@ -133,14 +133,14 @@ def test_a_plugin_that_raises_on_import_is_reported_and_skipped(tmp_path, wareho
 
 
 def test_a_plugin_for_another_api_version_is_refused(tmp_path):
-    src = "INGESTD_API = (2, 3)\n"
+    src = "INGESTD_API = (3, 4)\n"
     env = cli_env([plugin_dist(tmp_path / "extra", "futureplug", src)])
     out = ingestd("plugins", env=env, check=True)
-    assert "supports plugin API 2..3, but this ingestd has API 1" in out.stdout
+    assert "supports plugin API 3..4, but this ingestd has API 2" in out.stdout
 
 
 def test_a_plugin_with_an_unknown_hook_is_refused(tmp_path):
-    src = "from kernel import hookimpl\nINGESTD_API = (1, 1)\n@hookimpl\ndef ingestd_bogus():\n    pass\n"
+    src = "from ingestd import hookimpl\nINGESTD_API = (2, 2)\n@hookimpl\ndef ingestd_bogus():\n    pass\n"
     env = cli_env([plugin_dist(tmp_path / "extra", "bogusplug", src)])
     out = ingestd("plugins", env=env, check=True)
     line = next(l for l in out.stdout.splitlines() if l.startswith("bogusplug"))

@@ -15,14 +15,15 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from kernel import PermanentError, Registry, TransientError, build_model
-from kernel.models import ConfigErrors
-from kernel.query import DayWindow, render
-from kernel.schema import Mapping, RowMapper
-from kernel.testing import ConnectorSuite
-from plugins import duckdb_connector
-from plugins.demo_warehouse import MARKER, event_rows
-from plugins.duckdb_connector import DuckDBConfig, DuckDBConnector
+from ingestd import PermanentError, Registry, TransientError, build_model
+from ingestd.core.models import ConfigErrors
+from ingestd.core.query import DayWindow, render
+from ingestd.core.schema import Mapping, RowMapper
+from ingestd.testing import ConnectorSuite
+import ingestd.plugins.duckdb as duckdb_plugin
+from ingestd.plugins.duckdb import connector as duckdb_connector
+from ingestd.plugins.duckdb.demo_warehouse import MARKER, event_rows
+from ingestd.plugins.duckdb.connector import DuckDBConfig, DuckDBConnector
 
 EVENTS_QUERY = ("SELECT ts, user_id, device_id, event, value, country, platform, props FROM events_raw "
                 "WHERE ts >= {start} AND ts < {end}")
@@ -111,9 +112,9 @@ class TestDuckDBConnectorInDemoMode(ConnectorSuite):
 
 def test_registers_the_duckdb_type_and_declares_its_api():
     registry = Registry()
-    duckdb_connector.ingestd_register(registry)
+    duckdb_plugin.ingestd_register(registry)
     assert registry.connectors["duckdb"] is DuckDBConnector
-    assert duckdb_connector.INGESTD_API == (1, 1)
+    assert duckdb_plugin.INGESTD_API == (2, 2)
     assert DuckDBConnector.capabilities.fingerprint and DuckDBConnector.capabilities.paramstyle == "qmark"
 
 

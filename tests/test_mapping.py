@@ -6,9 +6,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from kernel.errors import PermanentError
-from kernel.query import DayWindow
-from kernel.schema import EVENTS_SCHEMA, METRICS_SCHEMA, Mapping, RowMapper
+from ingestd.core.errors import PermanentError
+from ingestd.core.query import DayWindow
+from ingestd.core.schema import EVENTS_SCHEMA, METRICS_SCHEMA, Mapping, RowMapper
 
 DAY = dt.date(2026, 1, 5)
 NOW = dt.datetime(2026, 1, 6, tzinfo=dt.UTC)
@@ -104,7 +104,7 @@ def test_metrics_value_ratio_and_rules():
 
 
 def test_mapping_config_rules():
-    from kernel.errors import ConfigError
+    from ingestd.core.errors import ConfigError
     with pytest.raises(ConfigError, match="required for an events source"):
         Mapping(ids={"u": "u"}, event_name="e").check("events")
     with pytest.raises(ConfigError, match="numerator and denominator go together"):

@@ -1,6 +1,6 @@
 """Meta-tests, as datasette has them: the plugin guide documents every hook and every public name,
 every hook has a test of its own (a test named `test_hook_<hook name>...` under tests/), and
-plugins (plugins/, contrib/) import only the public `kernel` package. Then those hook tests, and
+plugins (plugins/, contrib/) import only the public `ingestd` package. Then those hook tests, and
 the operator controls: INGESTD_DISABLE_PLUGINS and `ingestd plugins [--json]`."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import kernel
-from kernel import hookspecs
-from kernel.plugins import load_plugins
+import ingestd as ingestd_api
+from ingestd.plugin import spec as hookspecs
+from ingestd.plugin.manager import load_plugins
 from tests.support import ROOT, cli_env, ingestd, plugin_dist, sink_rows, write_config
 
 GUIDE = ROOT / "PLUGINS.md"
@@ -84,48 +84,50 @@ def test_every_hook_has_a_test_of_its_own():
 
 def test_every_public_name_is_in_the_guide():
     text = GUIDE.read_text()
-    missing = [name for name in kernel.__all__ if f"`{name}`" not in text]
-    assert not missing, f"names in kernel.__all__ that PLUGINS.md never mentions: {missing}"
+    missing = [name for name in ingestd_api.__all__ if f"`{name}`" not in text]
+    assert not missing, f"names in ingestd.__all__ that PLUGINS.md never mentions: {missing}"
 
 
-# -- plugins import only the public kernel package ---------------------------------------------
+# -- plugins import only the public ingestd package ---------------------------------------------
 
 def _module_allowed(module: str, test_code: bool) -> bool:
-    return module == "kernel" or (test_code and (module == "kernel.testing" or module.startswith("kernel.testing.")))
+    if module == "ingestd":
+        return True
+    return test_code and any(module == p or module.startswith(p + ".") for p in ("ingestd.testing", "ingestd.plugins"))
 
 
 def kernel_import_violations(source: str, filename: str, *, test_code: bool = False) -> list[str]:
-    """Every place `source` reaches into kernel beyond its public package (`kernel.__all__`);
-    test code may also use `kernel.testing`."""
-    public = set(kernel.__all__) | ({"testing"} if test_code else set())
+    """Every place `source` reaches into ingestd beyond its public package (`ingestd.__all__`);
+    test code may also use `ingestd.testing` and the built-in plugins."""
+    public = set(ingestd_api.__all__) | ({"testing"} if test_code else set())
     tree = ast.parse(source, filename)
     aliases: set[str] = set()
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name == "kernel":
-                    aliases.add(alias.asname or "kernel")
-                elif alias.name.startswith("kernel.") and not _module_allowed(alias.name, test_code):
+                if alias.name == "ingestd":
+                    aliases.add(alias.asname or "ingestd")
+                elif alias.name.startswith("ingestd.") and not _module_allowed(alias.name, test_code):
                     out.append(f"{filename}:{node.lineno}: import {alias.name}")
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "kernel":
+            if node.module == "ingestd":
                 for alias in node.names:
                     if alias.name != "*" and alias.name not in public:
-                        out.append(f"{filename}:{node.lineno}: from kernel import {alias.name} (not in kernel.__all__)")
-            elif node.module.startswith("kernel.") and not _module_allowed(node.module, test_code):
+                        out.append(f"{filename}:{node.lineno}: from ingestd import {alias.name} (not in ingestd.__all__)")
+            elif node.module.startswith("ingestd.") and not _module_allowed(node.module, test_code):
                 out.append(f"{filename}:{node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             target = node.args[0].value
-            if (name in ("import_module", "__import__") and isinstance(target, str) and target.startswith("kernel.")
+            if (name in ("import_module", "__import__") and isinstance(target, str) and target.startswith("ingestd.")
                     and not _module_allowed(target, test_code)):
                 out.append(f"{filename}:{node.lineno}: {name}({target!r})")
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                 and node.attr not in public and not node.attr.startswith("__")):
-            out.append(f"{filename}:{node.lineno}: {node.value.id}.{node.attr} (not in kernel.__all__)")
+            out.append(f"{filename}:{node.lineno}: {node.value.id}.{node.attr} (not in ingestd.__all__)")
     return out
 
 
@@ -141,31 +143,34 @@ def plugin_sources() -> list[tuple[Path, bool]]:
     return out
 
 
-def test_plugins_import_only_the_public_kernel_package():
+def test_plugins_import_only_the_public_ingestd_package():
     files = plugin_sources()
-    assert any(p.parent.name == "plugins" for p, _ in files)
+    assert any(p.parts[-3:] == ("plugins", "duckdb", "connector.py") for p, _ in files)
     assert any(p.parts[-2:] == ("ingestd_files", "connector.py") for p, _ in files)
     violations = []
     for path, test_code in files:
         violations += kernel_import_violations(path.read_text(), str(path.relative_to(ROOT)), test_code=test_code)
-    assert not violations, ("plugins may import only `kernel` (its __init__), tests also `kernel.testing`:\n"
+    assert not violations, ("plugins may import only `ingestd` (its __init__), tests also `ingestd.testing`:\n"
                             + "\n".join(violations))
 
 
 @pytest.mark.parametrize("source, test_code, bad", [
-    ("from kernel import Connector, hookimpl", False, False),
-    ("import kernel\nx = kernel.PermanentError", False, False),
-    ("from kernel import *", False, False),
+    ("from ingestd import Connector, hookimpl", False, False),
+    ("import ingestd\nx = ingestd.PermanentError", False, False),
+    ("from ingestd import *", False, False),
     ("from .demo_warehouse import ensure_demo_warehouse", False, False),
-    ("from kernel.state import StateStore", False, True),
-    ("import kernel.config", False, True),
-    ("from kernel import contracts", False, True),
-    ("import kernel as k\nk.state.StateStore", False, True),
-    ("import importlib\nimportlib.import_module('kernel.plugins')", False, True),
-    ("from kernel.testing import ConnectorSuite", False, True),
-    ("from kernel.testing import ConnectorSuite", True, False),
-    ("from kernel.testing.sink_suite import feed\nfrom kernel import testing", True, False),
-    ("from kernel.query import render", True, True),
+    ("from ingestd.engine.state import StateStore", False, True),
+    ("import ingestd.core.config", False, True),
+    ("from ingestd import contracts", False, True),
+    ("import ingestd as k\nk.state.StateStore", False, True),
+    ("import importlib\nimportlib.import_module('ingestd.plugin.manager')", False, True),
+    ("from ingestd.testing import ConnectorSuite", False, True),
+    ("from ingestd.testing import ConnectorSuite", True, False),
+    ("from ingestd.testing.sink_suite import feed\nfrom ingestd import testing", True, False),
+    ("from ingestd.plugins.duckdb.connector import DuckDBConnector", False, True),
+    ("from ingestd.plugins.duckdb.connector import DuckDBConnector", True, False),
+    ("import kernel", False, False),
+    ("from ingestd.core.query import render", True, True),
 ])
 def test_the_import_check_tells_public_from_private(source, test_code, bad):
     assert bool(kernel_import_violations(source, "<sample>", test_code=test_code)) == bad
@@ -175,9 +180,9 @@ def test_the_import_check_tells_public_from_private(source, test_code, bad):
 
 DUPLICATE = '''
 from dataclasses import dataclass
-from kernel import Connector, ProbeResult, hookimpl
+from ingestd import Connector, ProbeResult, hookimpl
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 @dataclass
@@ -219,23 +224,23 @@ def test_hook_ingestd_register_refuses_a_type_another_plugin_provides(tmp_path, 
 
 def _plugin(name: str, register) -> types.ModuleType:
     module = types.ModuleType(name)
-    module.INGESTD_API = (1, 1)
-    module.ingestd_register = kernel.hookimpl(register)
+    module.INGESTD_API = (2, 2)
+    module.ingestd_register = ingestd_api.hookimpl(register)
     return module
 
 
-def _connector(type_name: str) -> type[kernel.Connector]:
+def _connector(type_name: str) -> type[ingestd_api.Connector]:
     from dataclasses import dataclass
 
     @dataclass
     class Config:
         path: str = ""
 
-    class Made(kernel.Connector):
+    class Made(ingestd_api.Connector):
         config_model = Config
 
         async def check(self, query=None): ...
-        async def probe(self, query, source=None): return kernel.ProbeResult(0)
+        async def probe(self, query, source=None): return ingestd_api.ProbeResult(0)
         async def fetch(self, query, batch_rows, source=None):
             return
             yield
@@ -248,10 +253,10 @@ def test_hook_ingestd_register_adds_types_that_a_config_can_name(tmp_path):
     memwh = _connector("memwh")
     loaded = load_plugins(extra=[("memplug", _plugin("memplug", lambda registry: registry.add_connector(memwh)))])
     info = next(i for i in loaded.infos if i.name == "memplug")
-    assert (info.error, info.connectors, info.api) == (None, ["memwh"], (1, 1))
+    assert (info.error, info.connectors, info.api) == (None, ["memwh"], (2, 2))
     assert loaded.registry.connectors["memwh"] is memwh
     assert loaded.registry.provided_by[("connector", "memwh")] == "memplug"
-    from kernel.config import load_config
+    from ingestd.core.config import load_config
     cfg = write_config(tmp_path, connection_type="memwh")
     assert load_config(cfg, loaded.registry).connections["wh"].type == "memwh"
 
@@ -272,23 +277,23 @@ def test_hook_ingestd_register_undoes_a_plugin_whose_registration_fails():
 
 RECORDER = '''
 import json, os
-import kernel
-from kernel import hookimpl
+import ingestd
+from ingestd import hookimpl
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 @hookimpl
 def ingestd_event(event):
-    assert isinstance(event, kernel.Event)
+    assert isinstance(event, ingestd.Event)
     with open(os.environ["INGESTD_TEST_EVENTS"], "a") as out:
         out.write(json.dumps({**event.to_json(), "cls": type(event).__name__}) + "\\n")
 '''
 
 RAISER = '''
-from kernel import hookimpl
+from ingestd import hookimpl
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 @hookimpl
@@ -340,10 +345,10 @@ def test_hook_ingestd_event_a_failing_observer_does_not_stop_the_load(tmp_path, 
 # -- operator controls ---------------------------------------------------------------------------
 
 BLOCKABLE = '''
-from kernel import hookimpl
-from plugins.duckdb_connector import DuckDBConnector
+from ingestd import hookimpl
+from ingestd.plugins.duckdb.connector import DuckDBConnector
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 class BlockDuck(DuckDBConnector):
@@ -382,10 +387,10 @@ def test_disable_plugins_blocks_plugins_by_name(tmp_path, warehouse):
 
 LISTED = '''
 from dataclasses import dataclass
-from kernel import Sink, hookimpl
-from plugins.duckdb_connector import DuckDBConnector
+from ingestd import Sink, hookimpl
+from ingestd.plugins.duckdb.connector import DuckDBConnector
 
-INGESTD_API = (1, 2)
+INGESTD_API = (2, 3)
 
 
 class ListedWarehouse(DuckDBConnector):
@@ -424,18 +429,18 @@ def test_plugins_json_shows_distribution_version_api_types_and_load_error(tmp_pa
     env = cli_env([extra])
     infos = {i["name"]: i for i in json.loads(ingestd("plugins", "--json", env=env, check=True).stdout)}
     assert infos["listed"] == {"name": "listed", "module": "listed", "distribution": "listed", "version": "2.3.4",
-                               "api": [1, 2], "connectors": ["listedwh"], "sinks": ["listedsink"], "error": None}
+                               "api": [2, 3], "connectors": ["listedwh"], "sinks": ["listedsink"], "error": None}
     assert infos["crashy"]["error"] == "RuntimeError: this plugin is broken on purpose"
     assert (infos["crashy"]["distribution"], infos["crashy"]["version"], infos["crashy"]["api"]) == ("crashy", "0.0.1", None)
-    assert infos["ancient"]["error"] == "PluginError: supports plugin API 0..0, but this ingestd has API 1"
+    assert infos["ancient"]["error"] == "PluginError: supports plugin API 0..0, but this ingestd has API 2"
     assert "declares no INGESTD_API" in infos["undeclared"]["error"]
     version = importlib.metadata.version("ingestd")
-    assert infos["duckdb"] == {"name": "duckdb", "module": "plugins.duckdb_connector", "distribution": "ingestd",
-                               "version": version, "api": [1, 1], "connectors": ["duckdb"], "sinks": [], "error": None}
+    assert infos["duckdb"] == {"name": "duckdb", "module": "ingestd.plugins.duckdb", "distribution": "ingestd",
+                               "version": version, "api": [2, 2], "connectors": ["duckdb"], "sinks": [], "error": None}
     assert infos["duckdb_sink"]["sinks"] == ["duckdb"]
 
     text = ingestd("plugins", env=env, check=True).stdout
     line = next(l for l in text.splitlines() if l.startswith("listed "))
-    assert re.search(r"listed\s+listed 2\.3\.4\s+API 1\.\.2\s+connector:listedwh, sink:listedsink$", line), line
+    assert re.search(r"listed\s+listed 2\.3\.4\s+API 2\.\.3\s+connector:listedwh, sink:listedsink$", line), line
     crashy = next(l for l in text.splitlines() if l.startswith("crashy "))
     assert "crashy 0.0.1" in crashy and "FAILED: RuntimeError: this plugin is broken on purpose" in crashy

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from kernel.query import DayWindow, render
+from ingestd.core.query import DayWindow, render
 
 
 def test_day_window_follows_the_zone():

@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from kernel import build_model
-from kernel.plugins import load_plugins
+from ingestd import build_model
+from ingestd.plugin.manager import load_plugins
 from tests.support import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

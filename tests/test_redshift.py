@@ -20,14 +20,15 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from kernel import PermanentError, Registry, Secret, TransientError, build_model
-from kernel.ingest import with_retry
-from kernel.models import ConfigErrors, redact
-from kernel.query import DayWindow, render
-from kernel.schema import Mapping, RowMapper
-from kernel.testing import ConnectorSuite
-from plugins import redshift
-from plugins.redshift import RedshiftConfig, RedshiftConnector, connect_kwargs
+from ingestd import PermanentError, Registry, Secret, TransientError, build_model
+from ingestd.engine.ingest import with_retry
+from ingestd.core.models import ConfigErrors, redact
+from ingestd.core.query import DayWindow, render
+from ingestd.core.schema import Mapping, RowMapper
+from ingestd.testing import ConnectorSuite
+import ingestd.plugins.redshift as redshift_plugin
+from ingestd.plugins.redshift import connector as redshift
+from ingestd.plugins.redshift.connector import RedshiftConfig, RedshiftConnector, connect_kwargs
 from tests.pg_proxy import RedshiftProxy
 from tests.postgres import postgres_cluster  # noqa: F401  (module-scoped fixture)
 from tests.support import cli_env, ingestd, sink_rows, state_query
@@ -166,9 +167,9 @@ class TestRedshiftConnectorLargeFetches(TestRedshiftConnector):
 
 def test_registers_the_redshift_type_and_declares_its_api():
     registry = Registry()
-    redshift.ingestd_register(registry)
+    redshift_plugin.ingestd_register(registry)
     assert registry.connectors["redshift"] is RedshiftConnector
-    assert redshift.INGESTD_API == (1, 1)
+    assert redshift_plugin.INGESTD_API == (2, 2)
     caps = RedshiftConnector.capabilities
     assert caps.fingerprint is False and caps.paramstyle == "qmark"
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel.config import load_config
-from kernel.daemon import Daemon
-from kernel.plugins import load_plugins
-from kernel.requests import COMMANDS, handle
+from ingestd.core.config import load_config
+from ingestd.service.daemon import Daemon
+from ingestd.plugin.manager import load_plugins
+from ingestd.service.commands import COMMANDS, handle
 from tests.support import write_config
 
 FIELDS = ["source", "from", "to", "day", "request_id", "backfill_id", "transaction", "extra"]

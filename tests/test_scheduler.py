@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from croniter import croniter
 
-from kernel.scheduler import CronWindows, local_today, validate_cron, validate_timezone
+from ingestd.core.scheduler import CronWindows, local_today, validate_cron, validate_timezone
 
 UTC = dt.timezone.utc
 LA = "America/Los_Angeles"

@@ -218,7 +218,7 @@ def test_logs_are_json_lines_with_stable_keys(tmp_path, warehouse):
     warehouse.add_events(D, 10)
     cfg = write_config(tmp_path, lookback=1)
     out = subprocess.run([str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3",
-                          "-m", "kernel.cli", "-c", str(cfg), "run", "--once", "--now", "2026-11-21T06:05:00Z"],
+                          "-m", "ingestd", "-c", str(cfg), "run", "--once", "--now", "2026-11-21T06:05:00Z"],
                          capture_output=True, text=True, env=cli_env(), timeout=120)
     lines = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
     done = [l for l in lines if l["event"] == "load.succeeded"][0]
@@ -292,7 +292,7 @@ def test_no_secret_appears_in_logs_events_responses_or_status(tmp_path, warehous
         outputs.append(json.dumps(answer))
         wait_for(lambda: any("backfill.done" in p for _, p, _ in watcher.messages), what="backfill done")
         for cmd in (["request", "status"], ["status", "--json"], ["status"], ["check"], ["plugins", "--json"]):
-            r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "kernel.cli", "-c", str(cfg), *cmd],
+            r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ingestd", "-c", str(cfg), *cmd],
                                capture_output=True, text=True, env=env, timeout=60)
             outputs += [r.stdout, r.stderr]
     finally:

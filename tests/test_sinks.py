@@ -14,13 +14,14 @@ import textwrap
 import duckdb
 import pytest
 
-from kernel import PartitionInfo, Registry, SinkError, Target, build_model
-from kernel.errors import ConfigErrors
-from kernel.testing import SinkSuite
-from kernel.testing.sink_suite import DAY, Gate, KitFailure, feed, kit_batch, kit_batches
-from plugins import duckdb_sink, sqlite_sink
-from plugins.duckdb_sink import DuckDBSink, DuckDBSinkConfig
-from plugins.sqlite_sink import SQLiteSink, SQLiteSinkConfig
+from ingestd import PartitionInfo, Registry, SinkError, Target, build_model
+from ingestd.core.errors import ConfigErrors
+from ingestd.testing import SinkSuite
+from ingestd.testing.sink_suite import DAY, Gate, KitFailure, feed, kit_batch, kit_batches
+import ingestd.plugins.duckdb_sink as duckdb_sink
+import ingestd.plugins.sqlite_sink as sqlite_sink
+from ingestd.plugins.duckdb_sink.sink import DuckDBSink, DuckDBSinkConfig
+from ingestd.plugins.sqlite_sink.sink import SQLiteSink, SQLiteSinkConfig
 from tests.support import ROOT
 
 
@@ -107,9 +108,9 @@ async def test_duckdb_a_failed_replace_leaves_the_file_as_it_was(tmp_path):
 
 CRASH = '''
 import asyncio, datetime as dt, os, sys
-from kernel import Target
-from kernel.testing.sink_suite import feed, kit_batches
-from plugins.duckdb_sink import DuckDBSink, DuckDBSinkConfig
+from ingestd import Target
+from ingestd.testing.sink_suite import feed, kit_batches
+from ingestd.plugins.duckdb_sink.sink import DuckDBSink, DuckDBSinkConfig
 
 DAY = dt.date(2026, 11, 20)
 
@@ -240,7 +241,7 @@ def test_both_modules_register_their_sink():
     duckdb_sink.ingestd_register(registry=registry)
     sqlite_sink.ingestd_register(registry=registry)
     assert registry.sinks == {"duckdb": DuckDBSink, "sqlite": SQLiteSink}
-    assert duckdb_sink.INGESTD_API == sqlite_sink.INGESTD_API == (1, 1)
+    assert duckdb_sink.INGESTD_API == sqlite_sink.INGESTD_API == (2, 2)
 
 
 # -- SQLite ------------------------------------------------------------------------------------

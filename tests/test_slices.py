@@ -17,12 +17,12 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from kernel import Capabilities, Connector, PermanentError, ProbeResult, SourceInfo, TransientError
-from kernel.errors import ConfigErrors
-from kernel.config import load_config
-from kernel.plugins import load_plugins
-from kernel.query import DayWindow, render
-from kernel.slices import SliceTask, slice_queries, stream_slices, sub_windows
+from ingestd import Capabilities, Connector, PermanentError, ProbeResult, SourceInfo, TransientError
+from ingestd.core.errors import ConfigErrors
+from ingestd.core.config import load_config
+from ingestd.plugin.manager import load_plugins
+from ingestd.core.query import DayWindow, render
+from ingestd.engine.slices import SliceTask, slice_queries, stream_slices, sub_windows
 from tests.support import cli_env, ingestd, plugin_dist, state_query, write_config
 
 D = dt.date(2026, 11, 20)
@@ -163,10 +163,10 @@ its first batch: transiently while the file INGESTD_TEST_DROPS holds a number > 
 when INGESTD_TEST_FAIL is set."""
 import datetime as dt, os
 from pathlib import Path
-from kernel import PermanentError, TransientError, hookimpl
-from plugins.duckdb_connector import DuckDBConnector
+from ingestd import PermanentError, TransientError, hookimpl
+from ingestd.plugins.duckdb.connector import DuckDBConnector
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 
 class FaultyDuck(DuckDBConnector):

@@ -37,13 +37,14 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from kernel import PermanentError, Registry, SourceInfo, TransientError, build_model
-from kernel.models import ConfigErrors
-from kernel.query import DayWindow, render
-from kernel.schema import Mapping, RowMapper
-from kernel.testing import ConnectorSuite
-from plugins import snowflake as sf_plugin
-from plugins.snowflake import (Rechunker, SnowflakeConfig, SnowflakeConnector, _Pump, identifier, normalize,
+from ingestd import PermanentError, Registry, SourceInfo, TransientError, build_model
+from ingestd.core.models import ConfigErrors
+from ingestd.core.query import DayWindow, render
+from ingestd.core.schema import Mapping, RowMapper
+from ingestd.testing import ConnectorSuite
+import ingestd.plugins.snowflake as snowflake_plugin
+from ingestd.plugins.snowflake import connector as sf_plugin
+from ingestd.plugins.snowflake.connector import (Rechunker, SnowflakeConfig, SnowflakeConnector, _Pump, identifier, normalize,
                                translate)
 from tests.fakesnow_server import FakeSnowServer, free_port
 from tests.support import ROOT, cli_env, ingestd, sink_rows, state_query
@@ -165,9 +166,9 @@ class TestSnowflakeConnector(ConnectorSuite):
 
 def test_registers_the_snowflake_type_and_declares_its_api():
     registry = Registry()
-    sf_plugin.ingestd_register(registry)
+    snowflake_plugin.ingestd_register(registry)
     assert registry.connectors["snowflake"] is SnowflakeConnector
-    assert sf_plugin.INGESTD_API == (1, 1)
+    assert snowflake_plugin.INGESTD_API == (2, 2)
     caps = SnowflakeConnector.capabilities
     assert caps.fingerprint and caps.paramstyle == "qmark"
 
@@ -177,8 +178,8 @@ def test_the_plugin_imports_without_the_driver_and_says_how_to_install_it(tmp_pa
         import asyncio, sys
         sys.modules["snowflake"] = None
         sys.modules["snowflake.connector"] = None
-        from kernel import PermanentError, build_model
-        from plugins.snowflake import SnowflakeConfig, SnowflakeConnector
+        from ingestd import PermanentError, build_model
+        from ingestd.plugins.snowflake.connector import SnowflakeConfig, SnowflakeConnector
         c = SnowflakeConnector(build_model(SnowflakeConfig, {"account": "a", "user": "u", "password": "p"}, "c"),
                                name="sf")
         try:

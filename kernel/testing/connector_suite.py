@@ -3,7 +3,7 @@
 A connector author subclasses `ConnectorSuite` in a test module and provides two fixtures (a third
 is optional):
 
-    from kernel.testing import ConnectorSuite
+    from ingestd.testing import ConnectorSuite
 
     class TestMyWarehouse(ConnectorSuite):
         batch_rows = 100                      # optional
@@ -29,7 +29,7 @@ equal count, errors are sorted into the kernel's classes (bad SQL is permanent; 
 warehouse raises `TransientError` or `PermanentError`, never a driver's own exception), and an
 abandoned fetch leaves the connector usable. The tests are marked `asyncio`, so they run in
 pytest-asyncio's strict mode too (the author's async fixtures then need
-`@pytest_asyncio.fixture`). The pytest plugin `kernel.testing.plugin` marks them `ingestd_kit`.
+`@pytest_asyncio.fixture`). The pytest plugin `ingestd.testing.plugin` marks them `ingestd_kit`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ from typing import ClassVar, Protocol, runtime_checkable
 import pyarrow as pa
 import pytest
 
-from ..contracts import Connector, ProbeResult
-from ..errors import ConnectorError, PermanentError, TransientError
-from ..query import DayQuery, DayWindow, render
+from ingestd import (Connector, ConnectorError, DayQuery, DayWindow, PermanentError, ProbeResult, TransientError,
+                     day_query)
 
 DAY = dt.date(2026, 3, 10)
 
@@ -52,9 +51,8 @@ def kit_day_query(connector: Connector, sql: str, day: dt.date = DAY, timezone: 
     """`sql` bound to `day` exactly as the kernel binds a source query for this connector: its
     `{day}`, `{start}`, `{end}` become the connector's parameter markers (a query without them is
     wrapped and filtered on `filter_column`). For a plugin's own tests."""
-    caps = connector.capabilities
-    return render(sql, DayWindow.of(day, timezone), caps.paramstyle, filter_column=filter_column,
-                  filter_kind=filter_kind, quote=caps.quote)  # type: ignore[arg-type]
+    return day_query(sql, DayWindow.of(day, timezone), connector.capabilities, filter_column=filter_column,
+                     filter_kind=filter_kind)  # type: ignore[arg-type]
 
 
 @runtime_checkable
@@ -233,7 +231,7 @@ class ConnectorSuite:
             f"SELEC ts FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
         ]
         for sql in bad:
-            query = render(sql, window, caps.paramstyle, quote=caps.quote)
+            query = day_query(sql, window, caps)
             with pytest.raises(PermanentError):
                 await connector.check(query)
             with pytest.raises(PermanentError):
@@ -246,7 +244,7 @@ class ConnectorSuite:
         if broken_connector is None:
             pytest.skip("no `broken_connector` fixture: provide one whose warehouse cannot be used")
         caps = broken_connector.capabilities
-        query = render("SELECT 1 AS x WHERE {day} IS NOT NULL", DayWindow.of(DAY), caps.paramstyle, quote=caps.quote)
+        query = day_query("SELECT 1 AS x WHERE {day} IS NOT NULL", DayWindow.of(DAY), caps)
         calls = [("check()", broken_connector.check), ("check(query)", lambda: broken_connector.check(query)),
                  ("probe", lambda: broken_connector.probe(query)),
                  ("fetch", lambda: self.fetch_all(broken_connector, query))]
@@ -257,7 +255,7 @@ class ConnectorSuite:
                 continue
             except Exception as exc:
                 pytest.fail(f"{what} raised {type(exc).__module__}.{type(exc).__name__}: {exc}; sort it into "
-                            "kernel.TransientError (a retry may help) or kernel.PermanentError (it will not)")
+                            "ingestd.TransientError (a retry may help) or ingestd.PermanentError (it will not)")
             pytest.fail(f"{what} succeeded on a warehouse that cannot be used")
 
     @pytest.mark.asyncio

@@ -1,14 +1,14 @@
 """The conformance kit's pytest plugin (entry point `pytest11`, name `ingestd`).
 
 Installing ingestd registers it, so every pytest run in that environment has it; where plugin
-autoloading is off (`PYTEST_DISABLE_PLUGIN_AUTOLOAD`), add `-p kernel.testing.plugin` or
-`pytest_plugins = ["kernel.testing.plugin"]` in a conftest.py. It needs pytest-asyncio (the
+autoloading is off (`PYTEST_DISABLE_PLUGIN_AUTOLOAD`), add `-p ingestd.testing.plugin` or
+`pytest_plugins = ["ingestd.testing.plugin"]` in a conftest.py. It needs pytest-asyncio (the
 kit's tests are async): `pip install pytest pytest-asyncio`.
 
-A connector author's whole conformance test (the suite is `kernel.testing.ConnectorSuite`):
+A connector author's whole conformance test (the suite is `ingestd.testing.ConnectorSuite`):
 
     import pytest_asyncio
-    from kernel.testing import ConnectorSuite
+    from ingestd.testing import ConnectorSuite
 
     class TestMyWarehouse(ConnectorSuite):
         @pytest_asyncio.fixture
@@ -21,7 +21,7 @@ A connector author's whole conformance test (the suite is `kernel.testing.Connec
         async def kit_table(self, connector):      # an empty table the kit fills (a KitTable)
             return MyKitTable(...)                 # name, insert(rows), update_value(user, value)
 
-A sink author's (`kernel.testing.SinkSuite`):
+A sink author's (`ingestd.testing.SinkSuite`):
 
     class TestMySink(SinkSuite):
         @pytest_asyncio.fixture
@@ -70,8 +70,8 @@ from typing import Any
 
 import pytest
 
-from kernel import API_VERSION
-from kernel.testing import ConnectorSuite, KitTable, SinkSuite
+from ingestd import API_VERSION
+from ingestd.testing import ConnectorSuite, KitTable, SinkSuite
 
 __all__ = ["ConnectorSuite", "DaemonHarness", "KitTable", "SinkSuite"]
 
@@ -135,9 +135,9 @@ class DaemonHarness:
 
     @staticmethod
     def command() -> list[str]:
-        """The installed `ingestd` script beside this Python, else `python -m kernel.cli`."""
+        """The installed `ingestd` script beside this Python, else `python -m ingestd`."""
         script = shutil.which("ingestd", path=str(Path(sys.executable).parent))
-        return [script] if script else [sys.executable, "-m", "kernel.cli"]
+        return [script] if script else [sys.executable, "-m", "ingestd"]
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment without the caller's INGESTD_* variables, plus `extra`."""

@@ -3,7 +3,7 @@
 Use it from a test module of your plugin::
 
     import pytest, pytest_asyncio
-    from kernel.testing import SinkSuite
+    from ingestd.testing import SinkSuite
 
     class TestMySink(SinkSuite):
         @pytest_asyncio.fixture          # or @pytest.fixture under asyncio_mode = "auto"
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pytest
 
-from kernel import SCHEMAS, Kind, PartitionInfo, Sink, Target
+from ingestd import SCHEMAS, Kind, PartitionInfo, Sink, Target
 
 KINDS: tuple[Kind, ...] = ("events", "metrics")
 DAY = dt.date(2026, 11, 20)

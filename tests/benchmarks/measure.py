@@ -81,10 +81,10 @@ def sink(a: dict) -> dict:
     import duckdb
     import pyarrow as pa
 
-    from kernel import Target
-    from kernel.query import DayWindow
-    from kernel.schema import Mapping, RowMapper
-    from plugins.duckdb_sink import DuckDBSink, DuckDBSinkConfig
+    from ingestd import Target
+    from ingestd.core.query import DayWindow
+    from ingestd.core.schema import Mapping, RowMapper
+    from ingestd.plugins.duckdb_sink.sink import DuckDBSink, DuckDBSinkConfig
 
     day = dt.date.fromisoformat(a["day"])
     window = DayWindow.of(day)

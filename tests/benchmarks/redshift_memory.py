@@ -44,9 +44,9 @@ def peak_rss_mb() -> float:
 # -- the measured side (a subprocess per day) --------------------------------------------------------
 
 def child(args) -> None:
-    from kernel import Secret
-    from kernel.query import DayWindow, render
-    from plugins.redshift import RedshiftConfig, RedshiftConnector
+    from ingestd import Secret
+    from ingestd.core.query import DayWindow, render
+    from ingestd.plugins.redshift.connector import RedshiftConfig, RedshiftConnector
 
     config = RedshiftConfig(database="postgres", host="127.0.0.1", port=args.port, user=USER,
                             password=Secret(PASSWORD), ssl=False, fetch_size=args.fetch_size)

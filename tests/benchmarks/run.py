@@ -172,7 +172,7 @@ def ingestd(folder: Path, *args: str, tree: bool = False, check: bool = True) ->
     usage = folder / "usage.json"
     t0 = time.perf_counter()
     proc = subprocess.Popen([PY, "-m", "tests.benchmarks.peak", str(usage),
-                             PY, "-m", "kernel.cli", "-c", str(folder / "daemon.toml"), *args],
+                             PY, "-m", "ingestd.cli.main", "-c", str(folder / "daemon.toml"), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=folder)
     sampler = TreeRSS(proc.pid, skip_root=True) if tree else None
     if sampler:
@@ -206,7 +206,7 @@ def profile_load(folder: Path, day: dt.date) -> dict:
             (folder / f).unlink(missing_ok=True)
         raw = folder / f"profile-{mode}.txt"
         subprocess.run([spy, "record", "--threads", "--rate", "50", *extra, "--format", "raw", "-o", str(raw), "--",
-                        PY, "-m", "kernel.cli", "-c", str(folder / "daemon.toml"), "load", "bench", "--day",
+                        PY, "-m", "ingestd.cli.main", "-c", str(folder / "daemon.toml"), "load", "bench", "--day",
                         day.isoformat()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=folder,
                        check=True)
         out[mode] = summarise_profile(raw)
@@ -392,7 +392,7 @@ def schedule_scale(base: Path, idle_seconds: float) -> dict:
                              recheck='schedule = ["0 12 29 2 *"]')
         log = open(folder / "daemon.log", "wb")
         t0 = time.monotonic()
-        proc = subprocess.Popen([PY, "-m", "kernel.cli", "-c", str(folder / "daemon.toml"), "run"], stdout=log,
+        proc = subprocess.Popen([PY, "-m", "ingestd.cli.main", "-c", str(folder / "daemon.toml"), "run"], stdout=log,
                                 stderr=subprocess.STDOUT, env=env(), cwd=folder)
         try:
             while b"daemon.started" not in (folder / "daemon.log").read_bytes():

@@ -1,6 +1,6 @@
 """Connector type `files`: day partitions of Parquet or JSON Lines files in a folder laid out by date.
 
-An ingestd plugin from a third-party package: it imports only `kernel`, and is found through
+An ingestd plugin from a third-party package: it imports only `ingestd`, and is found through
 the `ingestd` entry-point group (`files = "ingestd_files.connector"` in pyproject.toml).
 
     [connections.NAME]
@@ -82,12 +82,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import duckdb
 import pyarrow as pa
 
-from kernel import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
                     SourceInfo, TransientError, hookimpl)
 
 from .layout import FileStat, LayoutError, Pattern, fingerprint, has_glob_chars, layout_days, stat_files
 
-INGESTD_API = (1, 1)
+INGESTD_API = (2, 2)
 
 TABLE = "day_files"
 CHECK_LOOKBACK_DAYS = 31

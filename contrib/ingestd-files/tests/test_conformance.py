@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import pytest_asyncio
 
-from kernel import build_model
-from kernel.testing import ConnectorSuite
+from ingestd import build_model
+from ingestd.testing import ConnectorSuite
 from ingestd_files.connector import FilesConfig, FilesConnector
 from lake import FilesKitTable
 

@@ -92,7 +92,7 @@ def test_the_daemon_loads_and_reloads_day_folders(ingestd_daemon):
 
     info = h.plugin("files")
     assert (info["name"], info["distribution"], info["api"], info["connectors"], info["error"]) == \
-        ("files", "ingestd-files", [1, 1], ["files"], None)
+        ("files", "ingestd-files", [2, 2], ["files"], None)
     checked = h.run("check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "ok     app_events" in checked.stdout and "ok     daily_metrics" in checked.stdout

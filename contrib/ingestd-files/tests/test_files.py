@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel import DayWindow, IngestdError, PermanentError, TransientError, build_model
-from kernel.testing.connector_suite import kit_day_query
+from ingestd import DayWindow, IngestdError, PermanentError, TransientError, build_model
+from ingestd.testing.connector_suite import kit_day_query
 from ingestd_files.connector import FilesConfig, FilesConnector
 from ingestd_files.layout import LayoutError, Pattern, layout_days
 from lake import KIT_SCHEMA, write_rows
@@ -257,8 +257,8 @@ async def test_errors_are_sorted_into_the_kernels_classes(tmp_path):
 
 PEAK = r'''
 import asyncio, datetime, resource, sys
-from kernel import build_model
-from kernel.testing.connector_suite import kit_day_query
+from ingestd import build_model
+from ingestd.testing.connector_suite import kit_day_query
 from ingestd_files.connector import FilesConfig, FilesConnector
 
 async def main():

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import pluggy
+from . import hookspec
 
 if TYPE_CHECKING:
-    from .contracts import Registry
-    from .events import Event
+    from ..core.contracts import Registry
+    from ..core.events import Event
 
-hookspec = pluggy.HookspecMarker("ingestd")
 
 
 # -- registration: once, when plugins are loaded -------------------------------------------

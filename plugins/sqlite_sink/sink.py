@@ -40,10 +40,8 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kernel import (EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target,
-                    hookimpl)
+from ingestd import (EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target)
 
-INGESTD_API = (1, 1)
 
 T = TypeVar("T")
 
@@ -244,7 +242,3 @@ def _columns(batch: pa.RecordBatch, schema: pa.Schema, target: Target) -> list[l
         out.append(col.to_pylist())
     return out
 
-
-@hookimpl
-def ingestd_register(registry):
-    registry.add_sink(SQLiteSink)

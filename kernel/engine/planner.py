@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from . import logs
-from .config import Config
+from ..core import logs
+from ..core.config import Config
 from .ingest import load_partition, recheck_day
 from .runtime import Runtime
-from .scheduler import CronWindows
+from ..core.scheduler import CronWindows
 
 log = logs.get("ingestd.planner")
 

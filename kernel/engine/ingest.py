@@ -22,12 +22,12 @@ import datetime as dt
 
 import pyarrow as pa
 
-from . import logs
-from .contracts import ProbeResult, Target
-from .errors import PermanentError, RejectLimitExceeded, TransientError
-from .events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
+from ..core import logs
+from ..core.contracts import ProbeResult, Target
+from ..core.errors import PermanentError, RejectLimitExceeded, TransientError
+from ..core.events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
 from .runtime import Runtime, event
-from .schema import RowMapper
+from ..core.schema import RowMapper
 from .slices import fetch_slices
 
 log = logs.get("ingestd.ingest")

@@ -54,17 +54,16 @@ import duckdb
 import pyarrow as pa
 import structlog
 
-from kernel import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, TransientError, hookimpl)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
+                    SourceInfo, TransientError)
 
 from .demo_warehouse import ensure_demo_warehouse
 
-INGESTD_API = (1, 1)
 
 log = structlog.get_logger("ingestd.duckdb")
 T = TypeVar("T")
 
-__all__ = ["DuckDBConfig", "DuckDBConnector", "ensure_demo_warehouse", "ingestd_register"]
+__all__ = ["DuckDBConfig", "DuckDBConnector", "ensure_demo_warehouse"]
 
 
 @dataclass
@@ -342,7 +341,3 @@ class DuckDBConnector(Connector):
     async def close(self) -> None:
         """Nothing to release: every call closes its own connection."""
 
-
-@hookimpl
-def ingestd_register(registry):
-    registry.add_connector(DuckDBConnector)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 ParamStyle = Literal["qmark", "format", "pyformat", "named", "at", "numeric"]
@@ -106,6 +106,24 @@ def render(
     else:
         params = [values[n] for n in names]
     return DayQuery(text, params, window, tuple(names))
+
+
+class QueryStyle(Protocol):
+    """What binding needs of a connector: `Capabilities` has both."""
+
+    @property
+    def paramstyle(self) -> ParamStyle: ...
+
+    @property
+    def quote(self) -> str: ...
+
+
+def day_query(sql: str, window: DayWindow, style: QueryStyle, *, filter_column: str | None = None,
+              filter_kind: Literal["timestamp", "date"] = "timestamp") -> DayQuery:
+    """`sql` bound to one day for a connector with these capabilities (its parameter style and
+    identifier quote): the one way a day query is built, for loads, probes, slices and the kit."""
+    return render(sql, window, style.paramstyle, filter_column=filter_column, filter_kind=filter_kind,
+                  quote=style.quote)
 
 
 def uses_placeholders(sql: str) -> bool:

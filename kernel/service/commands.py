@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import backfill as backfills
-from .ingest import load_partition
+from ..engine import backfill as backfills
+from ..engine.ingest import load_partition
+from .views import source_status
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -115,7 +116,6 @@ async def _run(daemon: "Daemon", command: str, body: dict) -> Any:
         daemon.spawn(load_partition(rt, source, day, trigger), f"{command}-{source}-{day}")
         return {"source": source, "day": day.isoformat(), "trigger": trigger, "accepted": True}
     if command == "status":
-        from .cli import source_status
         names = [_source(daemon, body["source"])] if body.get("source") else sorted(daemon.config.sources)
         now = dt.datetime.now(dt.UTC)
         return {"sources": [await source_status(daemon.config, rt.state, n, 7, now) for n in names],

@@ -10,17 +10,17 @@ import os
 import sys
 from pathlib import Path
 
-from . import backfill as backfills
-from . import logs
-from .config import Config, load_config
-from .errors import ConfigErrors, IngestdError, StateError
-from .ingest import load_partition, recover
-from .memory import use_system_memory_pool
-from .planner import load_windows, recheck_windows, run_due
-from .plugins import LoadedPlugins, load_plugins
-from .query import DayWindow
-from .runtime import Runtime, check_capabilities
-from .state import StateStore
+from ..engine import backfill as backfills
+from ..core import logs
+from ..core.config import Config, load_config
+from ..core.errors import ConfigErrors, IngestdError, StateError
+from ..engine.ingest import load_partition, recover
+from ..core.memory import use_system_memory_pool
+from ..engine.planner import run_due
+from ..plugin.manager import LoadedPlugins, load_plugins
+from ..engine.runtime import Runtime, check_capabilities
+from ..engine.state import StateStore
+from ..service.views import source_status
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     us.add_argument("--from", dest="first", type=_date)
     us.add_argument("--to", dest="last", type=_date)
     us.add_argument("--json", action="store_true")
-    from .bus_cli import add_request_parser
+    from .request import add_request_parser
     add_request_parser(sub)
     return p
 
@@ -134,7 +134,7 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     if not args.once:
-        from .daemon import run_forever
+        from ..service.daemon import run_forever
         return run_forever(args.config)
     config, plugins = _setup(args.config, log_to=sys.stdout)
     now = args.now or dt.datetime.now(dt.UTC)
@@ -220,24 +220,6 @@ def cmd_backfill(args) -> int:
     return asyncio.run(_with_runtime(config, plugins, work))
 
 
-async def source_status(config: Config, state: StateStore, name: str, days: int, now: dt.datetime) -> dict:
-    src = config.sources[name]
-    lw, rw = load_windows(config, name), recheck_windows(config, name)
-    today = DayWindow.of(now.date(), src.timezone).day
-    parts = await state.partitions(name, today - dt.timedelta(days=days), today)
-    last = await state.last_run(name)
-    return {
-        "source": name, "kind": src.kind, "connection": src.connection, "timezone": src.timezone,
-        "next_load": lw.next_after(now).isoformat(),
-        "next_recheck": rw.next_after(now).isoformat() if rw else None,
-        "last_status": last.status if last else None,
-        "last_loaded_day": max((p.day for p in parts if p.generation > 0), default=None),
-        "days": [{"day": p.day.isoformat(), "status": p.status, "rows": p.rows, "generation": p.generation,
-                  "loaded_at": p.loaded_at, "checked_at": p.checked_at, "error": p.error}
-                 for p in reversed(parts)],
-    }
-
-
 def cmd_status(args) -> int:
     config, plugins = _setup(args.config)
 
@@ -305,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     use_system_memory_pool()
     try:
         if args.command == "request":
-            from .bus_cli import cmd_request
+            from .request import cmd_request
             return cmd_request(args)
         return COMMANDS[args.command](args)
     except ConfigErrors as exc:

@@ -11,12 +11,12 @@ from types import ModuleType
 
 import pluggy
 
-from . import hookspecs
-from .contracts import Registry
-from .errors import PluginError
+from . import API_VERSION, PROJECT
+from . import spec as hookspecs
+from ..core.contracts import Registry
+from ..core.errors import PluginError
 
-GROUP = "ingestd"
-API_VERSION = 1
+GROUP = PROJECT
 
 
 @dataclass

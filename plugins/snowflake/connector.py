@@ -123,15 +123,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from kernel import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    Secret, SourceInfo, TransientError, hookimpl)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
+                    Secret, SourceInfo, TransientError)
 
-INGESTD_API = (1, 1)
 
 log = structlog.get_logger("ingestd.snowflake")
 T = TypeVar("T")
 
-__all__ = ["SnowflakeConfig", "SnowflakeConnector", "Rechunker", "normalize", "translate", "ingestd_register"]
+__all__ = ["SnowflakeConfig", "SnowflakeConnector", "Rechunker", "normalize", "translate"]
 
 INSTALL_HINT = "pip install 'ingestd[snowflake]'"
 QUEUE_DEPTH = 2
@@ -857,7 +856,3 @@ class SnowflakeConnector(Connector):
         """Close the idle sessions; sessions still in use are closed when their call ends."""
         await asyncio.to_thread(self._pool.close)
 
-
-@hookimpl
-def ingestd_register(registry):
-    registry.add_connector(SnowflakeConnector)

@@ -13,16 +13,16 @@ import heapq
 import signal
 from collections.abc import Callable
 
-from . import backfill as backfills
-from . import logs
-from .config import Config, load_config
-from .errors import ConfigError
-from .events import DaemonStarted, DaemonStopping
-from .ingest import recover
+from ..engine import backfill as backfills
+from ..core import logs
+from ..core.config import Config, load_config
+from ..core.errors import ConfigError
+from ..core.events import DaemonStarted, DaemonStopping
+from ..engine.ingest import recover
 from .notify import Notifier, watchdog_interval
-from .planner import load_windows, recheck_windows, run_due, run_load_window, run_recheck_window
-from .plugins import LoadedPlugins, load_plugins
-from .runtime import Runtime, event
+from ..engine.planner import load_windows, recheck_windows, run_due, run_load_window, run_recheck_window
+from ..plugin.manager import LoadedPlugins, load_plugins
+from ..engine.runtime import Runtime, event
 
 log = logs.get("ingestd.daemon")
 MAX_SLEEP = 60.0
@@ -68,7 +68,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
         try:
             if self.config.bus.enabled:
-                from .bus import Bus
+                from ..bus.server import Bus
                 self.bus = Bus(self)
                 self.spawn(self.bus.run(), "bus")
             for b in await rt.state.backfills("running"):
@@ -192,7 +192,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config.file, self.plugins.registry, self.plugins.errors())
-            from .runtime import check_capabilities
+            from ..engine.runtime import check_capabilities
             check_capabilities(new, self.plugins)
             new_sinks = await self._open_changed_sinks(new)
         except Exception as exc:

@@ -61,10 +61,8 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
-from kernel import (EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target,
-                    hookimpl)
+from ingestd import (EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target)
 
-INGESTD_API = (1, 1)
 
 T = TypeVar("T")
 
@@ -365,7 +363,3 @@ def _transaction(con: duckdb.DuckDBPyConnection):
         raise
     con.commit()
 
-
-@hookimpl
-def ingestd_register(registry):
-    registry.add_sink(DuckDBSink)

@@ -22,8 +22,8 @@ from typing import Any
 
 import aiosqlite
 
-from .errors import StateError
-from .events import Event
+from ..core.errors import StateError
+from ..core.events import Event
 
 SCHEMA_VERSION = 1
 

@@ -132,15 +132,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from kernel import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    Secret, SourceInfo, TransientError, hookimpl, quote_ident)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
+                    Secret, SourceInfo, TransientError, quote_ident)
 
-INGESTD_API = (1, 1)
 
 log = structlog.get_logger("ingestd.redshift")
 T = TypeVar("T")
 
-__all__ = ["RedshiftConfig", "RedshiftConnector", "arrow_type", "ingestd_register", "translate"]
+__all__ = ["RedshiftConfig", "RedshiftConnector", "arrow_type", "translate"]
 
 
 @dataclass
@@ -884,7 +883,3 @@ class RedshiftConnector(Connector):
     async def close(self) -> None:
         """Nothing to release: every call closes its own session."""
 
-
-@hookimpl
-def ingestd_register(registry):
-    registry.add_connector(RedshiftConnector)

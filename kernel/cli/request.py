@@ -16,5 +16,5 @@ def add_request_parser(sub) -> None:
 
 
 def cmd_request(args) -> int:
-    from .bus import request_from_cli
+    from ..bus.server import request_from_cli
     return request_from_cli(args)

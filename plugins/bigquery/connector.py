@@ -122,15 +122,14 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import structlog
 
-from kernel import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, TransientError, hookimpl)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
+                    SourceInfo, TransientError)
 
-INGESTD_API = (1, 1)
 
 log = structlog.get_logger("ingestd.bigquery")
 T = TypeVar("T")
 
-__all__ = ["BigQueryConfig", "BigQueryConnector", "ingestd_register", "translate", "query_parameters",
+__all__ = ["BigQueryConfig", "BigQueryConnector", "translate", "query_parameters",
            "job_labels", "sanitize_label"]
 
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
@@ -923,7 +922,3 @@ class BigQueryConnector(Connector):
                     read_client.transport.close()
         await asyncio.to_thread(close_all)
 
-
-@hookimpl
-def ingestd_register(registry):
-    registry.add_connector(BigQueryConnector)

@@ -63,11 +63,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
-from . import logs
-from .contracts import SourceInfo
-from .errors import ConnectorError, PermanentError, TransientError
-from .memory import use_system_memory_pool
-from .query import DayQuery, DayWindow, ParamStyle, quote_ident, render
+from ..core import logs
+from ..core.contracts import SourceInfo
+from ..core.errors import ConnectorError, PermanentError, TransientError
+from ..core.memory import use_system_memory_pool
+from ..core.query import DayQuery, DayWindow, ParamStyle, quote_ident, render
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -168,7 +168,7 @@ def _mp_context(preload: list[str]):
         if _context is None:
             if "forkserver" in mp.get_all_start_methods():
                 ctx = mp.get_context("forkserver")
-                ctx.set_forkserver_preload(["kernel.slices", *preload])
+                ctx.set_forkserver_preload(["ingestd.engine.slices", *preload])
             else:
                 ctx = mp.get_context("spawn")
             _context = ctx
@@ -338,7 +338,7 @@ def _describe(exc: BaseException) -> tuple:
 
 
 def _connector_class(task: SliceTask) -> type:
-    from .plugins import load_plugins
+    from ..plugin.manager import load_plugins
     cls = load_plugins().registry.connectors.get(task.connector_type)
     if cls is not None and (cls.__module__, cls.__qualname__) == task.connector_class:
         return cls

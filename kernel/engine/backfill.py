@@ -7,9 +7,9 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 
-from . import logs
-from .events import BackfillAccepted, BackfillDone, BackfillProgress
-from .errors import IngestdError
+from ..core import logs
+from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress
+from ..core.errors import IngestdError
 from .ingest import load_partition
 from .runtime import Runtime, event
 from .state import Backfill

@@ -10,13 +10,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import logs
-from .config import Config
-from .contracts import Connector, SourceInfo, Sink
-from .errors import ConfigError, ConfigErrors
-from .events import Event
-from .plugins import LoadedPlugins
-from .query import DayQuery, DayWindow, render
+from ..core import logs
+from ..core.config import Config
+from ..core.contracts import Connector, SourceInfo, Sink
+from ..core.errors import ConfigError, ConfigErrors
+from ..core.events import Event
+from ..plugin.manager import LoadedPlugins
+from ..core.query import DayQuery, DayWindow, render
 from .state import StateStore
 
 log = logs.get("ingestd")

@@ -24,12 +24,13 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import logs
-from .config import BusSection
-from .requests import COMMANDS, answer, handle
+from ..core import logs
+from ..service.views import source_status
+from ..core.config import BusSection
+from ..service.commands import COMMANDS, answer, handle
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..service.daemon import Daemon
 
 log = logs.get("ingestd.bus")
 
@@ -134,7 +135,6 @@ class Bus:
                     await asyncio.wait_for(self.pending.wait(), 5.0)
 
     async def _publish_source_states(self, client: aiomqtt.Client) -> None:
-        from .cli import source_status
         rt = self.daemon.rt
         now = dt.datetime.now(dt.UTC)
         names, self.dirty_sources = self.dirty_sources, set()
@@ -221,8 +221,8 @@ def request_from_cli(args) -> int:
     import os
     import sys
 
-    from .config import load_config
-    from .plugins import load_plugins
+    from ..core.config import load_config
+    from ..plugin.manager import load_plugins
 
     if args.what not in COMMANDS:
         print(f"unknown request {args.what!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)

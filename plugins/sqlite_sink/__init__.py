@@ -1,0 +1,15 @@
+"""The SQLite sink: the analytics store in a SQLite file.
+
+See README.md beside this file; sample.toml is its documented configuration.
+"""
+
+from ingestd import hookimpl
+
+from .sink import SQLiteSink
+
+INGESTD_API = (2, 2)
+
+
+@hookimpl
+def ingestd_register(registry) -> None:
+    registry.add_sink(SQLiteSink)
