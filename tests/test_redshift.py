@@ -511,8 +511,7 @@ async def test_a_backend_terminated_during_a_fetch_is_transient_and_the_kernel_r
     add_events(pg, table, DAY, 3000)
     c = connector(proxy, fetch_size=100, application_name="ingestd-kill")
     query = day_query(f"SELECT * FROM {table} WHERE ts >= {{start}} AND ts < {{end}}")
-    rt = SimpleNamespace(config=SimpleNamespace(daemon=SimpleNamespace(
-        retry_attempts=3, retry_base_seconds=0.01, retry_max_seconds=0.05)))
+    policy = SimpleNamespace(retry_attempts=3, retry_base_seconds=0.01, retry_max_seconds=0.05)
     attempts, errors = [], []
 
     async def attempt() -> int:
@@ -530,7 +529,7 @@ async def test_a_backend_terminated_during_a_fetch_is_transient_and_the_kernel_r
             raise
         return rows
 
-    assert await with_retry(rt, "load", attempt) == 3000
+    assert await with_retry(policy, "load", attempt) == 3000
     assert len(attempts) == 2 and len(errors) == 1
     assert errors[0].code in ("08006", "57P01"), str(errors[0])
 

@@ -10,9 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestd.core.config import load_config
-from ingestd.service.daemon import Daemon
 from ingestd.plugin.manager import load_plugins
-from ingestd.service.commands import COMMANDS, handle
+from ingestd.service.bootstrap import open_runtime
+from ingestd.service.control import Control
+from ingestd.service.requests import REQUESTS, handle
+from ingestd.service.tasks import Tasks
 from tests.support import write_config
 
 FIELDS = ["source", "from", "to", "day", "request_id", "backfill_id", "transaction", "extra"]
@@ -28,7 +30,7 @@ payloads = st.one_of(
     st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=6).map(
         lambda d: json.dumps(d).encode()),
 )
-commands = st.sampled_from(COMMANDS) | st.text(max_size=10)
+commands = st.sampled_from(REQUESTS) | st.text(max_size=10)
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +41,15 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def daemon(loop, tmp_path_factory):
+def control(loop, tmp_path_factory):
     folder = tmp_path_factory.mktemp("requests")
     from tests.support import Warehouse
     Warehouse(folder / "warehouse.duckdb")
     plugins = load_plugins()
     config = load_config(write_config(folder, extra_daemon="max_backfill_days = 30"), plugins.registry)
-    d = Daemon(config, plugins)
-    loop.run_until_complete(d.start())
-    yield d
-    loop.run_until_complete(d.rt.close())
+    rt = loop.run_until_complete(open_runtime(config, plugins))
+    yield Control(rt, Tasks())
+    loop.run_until_complete(rt.close())
 
 
 SNAPSHOT = ("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills),"
@@ -56,25 +57,25 @@ SNAPSHOT = ("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills
             " (SELECT group_concat(status) FROM backfills)")
 
 
-def snapshot(loop, d):
+def snapshot(loop, control):
     async def read():
-        return list(await d.rt.state._all(SNAPSHOT))[0][:]
+        return list(await control.rt.state._all(SNAPSHOT))[0][:]
     return tuple(loop.run_until_complete(read()))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=commands, payload=payloads)
-def test_any_payload_gets_an_answer_and_errors_change_nothing(loop, daemon, command, payload):
-    if daemon.tasks:
-        loop.run_until_complete(asyncio.gather(*daemon.tasks, return_exceptions=True))
-    before = snapshot(loop, daemon)
-    answer = loop.run_until_complete(handle(daemon, command, payload, 65536))
+def test_any_payload_gets_an_answer_and_errors_change_nothing(loop, control, command, payload):
+    if control.tasks:
+        loop.run_until_complete(asyncio.gather(*control.tasks.all(), return_exceptions=True))
+    before = snapshot(loop, control)
+    answer = loop.run_until_complete(handle(control, command, payload, 65536))
     assert set(answer) == {"status", "data", "error", "transaction"}
     assert answer["status"] in ("ok", "error")
     json.dumps(answer, default=str)
     if answer["status"] == "error":
         assert isinstance(answer["error"], str) and answer["error"]
         assert answer["data"] is None
-        assert snapshot(loop, daemon) == before
+        assert snapshot(loop, control) == before
     else:
         assert answer["error"] is None

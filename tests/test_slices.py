@@ -22,7 +22,8 @@ from ingestd.core.errors import ConfigErrors
 from ingestd.core.config import load_config
 from ingestd.plugin.manager import load_plugins
 from ingestd.core.query import DayWindow, render
-from ingestd.engine.slices import SliceTask, slice_queries, stream_slices, sub_windows
+from ingestd.core.query import day_queries, sub_windows
+from ingestd.engine.slices import SliceTask, stream_slices
 from tests.support import cli_env, ingestd, plugin_dist, state_query, write_config
 
 D = dt.date(2026, 11, 20)
@@ -73,17 +74,20 @@ def test_sub_windows_cover_the_day_exactly_without_overlap(timezone, day, k):
 def test_slice_queries_by_time_bind_sub_ranges_and_by_column_wrap_the_day_query():
     sql = "SELECT * FROM t WHERE ts >= {start} AND ts < {end} AND d = {day}"
     window = DayWindow.of(D)
-    by_time = slice_queries(sql, window, 2, "qmark")
+    by_time = day_queries(sql, window, Capabilities(paramstyle="qmark"), slices=2)
     assert [q.sql for q in by_time] == [render(sql, window, "qmark").sql] * 2
     assert [q.params for q in by_time] == [
         [dt.datetime(2026, 11, 20), dt.datetime(2026, 11, 20, 12), D],
         [dt.datetime(2026, 11, 20, 12), dt.datetime(2026, 11, 21), D]]
-    by_col = slice_queries(sql, window, 3, "pyformat", slice_column="user id")
+    by_col = day_queries(sql, window, Capabilities(paramstyle="pyformat"), slices=3, slice_column="user id")
     assert [q.params for q in by_col] == [render(sql, window, "pyformat").params] * 3
     assert by_col[2].sql.startswith("SELECT * FROM (\nSELECT * FROM t WHERE ts >= %(start)s")
     assert by_col[2].sql.endswith('\n) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s."user id", 3)), 0) = 2')
     # a query without placeholders is filtered on the mapped timestamp, per sub-range
-    wrapped = slice_queries("SELECT * FROM t", window, 2, "qmark", filter_column="ts")
+    wrapped = day_queries("SELECT * FROM t", window, Capabilities(paramstyle="qmark"), slices=2, filter_column="ts")
+    # the connection's own quote: none where the warehouse folds bare names (Snowflake)
+    bare = day_queries(sql, window, Capabilities(paramstyle="qmark", quote=""), slices=2, slice_column="user_id")
+    assert bare[1].sql.endswith("\n) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s.user_id, 2)), 0) = 1")
     assert '"ts" >= ? AND' in wrapped[1].sql and wrapped[1].params == [dt.datetime(2026, 11, 20, 12),
                                                                           dt.datetime(2026, 11, 21)]
 
@@ -237,7 +241,7 @@ class PidConnector(Connector):
 
 
 def pid_tasks(k: int, **config) -> list[SliceTask]:
-    queries = slice_queries("SELECT {start}, {end}", DayWindow.of(D), k, "qmark")
+    queries = day_queries("SELECT {start}, {end}", DayWindow.of(D), Capabilities(paramstyle="qmark"), slices=k)
     return [SliceTask(i, k, "pidtest", (__name__, "PidConnector"), "pid", PidConfig(**config), q, 100,
                       SourceInfo("orders")) for i, q in enumerate(queries)]
 

@@ -17,59 +17,50 @@ import contextlib
 import datetime as dt
 import json
 import random
-import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..core import logs
-from ..service.views import source_status
-from ..core.config import BusSection
-from ..service.commands import COMMANDS, answer, handle
-
-if TYPE_CHECKING:
-    from ..service.daemon import Daemon
+from ..core.events import Event
+from ..engine.runtime import Runtime
+from ..service.control import Control
+from ..service.requests import answer, handle
+from ..service.views import retained_source_state
+from .mqtt import base_topic, make_client
 
 log = logs.get("ingestd.bus")
 
 
-async def _first_failure(*coros) -> None:
+async def _first_failure(*coros: Coroutine[Any, Any, None]) -> None:
     """Run coroutines together; when one fails, cancel the others and raise its error."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
-            if t.exception() is not None:
-                raise t.exception()
+            if (exc := t.exception()) is not None:
+                raise exc
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def base_topic(bus: BusSection, instance: str) -> str:
-    return bus.base_topic or f"ingestd/{instance}"
-
-
-def make_client(bus: BusSection, client_id: str, *, will: aiomqtt.Will | None = None,
-                username: str | None = None, password: str | None = None) -> aiomqtt.Client:
-    tls = None
-    if bus.tls or bus.ca_file:
-        tls = aiomqtt.TLSParameters(ca_certs=bus.ca_file, certfile=bus.cert_file, keyfile=bus.key_file)
-    protocol = aiomqtt.ProtocolVersion.V5 if bus.protocol == "5" else aiomqtt.ProtocolVersion.V311
-    return aiomqtt.Client(
-        bus.host, bus.port, identifier=client_id, protocol=protocol, will=will, keepalive=bus.keepalive,
-        username=username if username is not None else bus.username,
-        password=password if password is not None else (bus.password.reveal() if bus.password else None),
-        tls_params=tls, timeout=10.0)
+def bus_service(rt: Runtime, control: Control) -> "Bus | None":
+    """The daemon's bus, when `[bus] enabled = true` (a `ServiceFactory`)."""
+    return Bus(rt, control) if rt.config.bus.enabled else None
 
 
 class Bus:
-    def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon
-        cfg = daemon.config
+    name = "bus"
+
+    def __init__(self, rt: Runtime, control: Control):
+        self.rt = rt
+        self.control = control
+        cfg = rt.config
         self.cfg = cfg.bus
         self.instance = cfg.instance()
         self.base = base_topic(cfg.bus, self.instance)
@@ -79,9 +70,9 @@ class Bus:
         self.dirty_sources: set[str] = set(cfg.sources)
         self.connected = asyncio.Event()
         self.closing = False
-        daemon.rt.dispatch.listeners.append(self._on_event)
+        rt.dispatch.listeners.append(self._on_event)
 
-    def _on_event(self, event) -> None:
+    def _on_event(self, event: Event) -> None:
         self.pending.set()
         if event.source:
             self.dirty_sources.add(event.source)
@@ -103,7 +94,7 @@ class Bus:
                     await client.subscribe(f"{self.base}/request/+", qos=1)
                     await client.publish(f"{self.base}/state", self._state("online"), qos=1, retain=True)
                     self.connected.set()
-                    self.dirty_sources |= set(self.daemon.config.sources)
+                    self.dirty_sources |= set(self.rt.config.sources)
                     self.pending.set()
                     await _first_failure(self._drain_outbox(client), self._serve_requests(client))
             except aiomqtt.MqttError as exc:
@@ -120,7 +111,7 @@ class Bus:
                 self.client = None
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
-        state = self.daemon.rt.state
+        state = self.rt.state
         while True:
             batch = await state.outbox_batch(100)
             for seq, kind, source, payload in batch:
@@ -135,17 +126,12 @@ class Bus:
                     await asyncio.wait_for(self.pending.wait(), 5.0)
 
     async def _publish_source_states(self, client: aiomqtt.Client) -> None:
-        rt = self.daemon.rt
         now = dt.datetime.now(dt.UTC)
         names, self.dirty_sources = self.dirty_sources, set()
         for name in sorted(names):
-            if name not in self.daemon.config.sources:
+            if name not in self.rt.config.sources:
                 continue
-            s = await source_status(self.daemon.config, rt.state, name, 0, now)
-            payload = {k: s[k] for k in ("source", "last_loaded_day", "last_status", "next_load", "next_recheck")}
-            last = await rt.state.partitions(name)
-            loaded = [p.day for p in last if p.generation > 0]
-            payload["last_loaded_day"] = max(loaded).isoformat() if loaded else None
+            payload = await retained_source_state(self.rt.config, self.rt.state, name, now)
             await client.publish(f"{self.base}/source/{name}/state", json.dumps(payload, default=str).encode(),
                                  qos=1, retain=True)
 
@@ -154,7 +140,7 @@ class Bus:
             command = str(message.topic).rsplit("/", 1)[-1]
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
             try:
-                result = await handle(self.daemon, command, payload, self.cfg.max_payload_bytes)
+                result = await handle(self.control, command, payload, self.cfg.max_payload_bytes)
             except Exception as exc:  # a request must never take the bus down
                 log.error("request.failed", command=command, error=repr(exc))
                 result = answer("error", error=f"internal error: {type(exc).__name__}")
@@ -180,77 +166,10 @@ class Bus:
         if client is not None and self.connected.is_set():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
-                    for seq, kind, source, payload in await self.daemon.rt.state.outbox_batch(1000):
+                    for seq, kind, source, payload in await self.rt.state.outbox_batch(1000):
                         await client.publish(f"{self.base}/event/{source or '_daemon'}/{kind}",
                                              json.dumps({**payload, "seq": seq}).encode(), qos=1)
-                        await self.daemon.rt.state.outbox_delete([seq])
+                        await self.rt.state.outbox_delete([seq])
                     await client.publish(f"{self.base}/state", self._state("offline"), qos=1, retain=True)
 
 
-async def send_request(bus: BusSection, instance: str, command: str, body: dict[str, Any], *, timeout: float = 10.0,
-                       username: str | None = None, password: str | None = None) -> dict:
-    """Publish one request and wait for its answer (MQTT 5 response topic + correlation data,
-    or `response/<command>` matched on `transaction` under MQTT 3.1.1)."""
-    base = base_topic(bus, instance)
-    token = f"cli-{socket.gethostname()}-{random.getrandbits(48):012x}"
-    body = {**body, "transaction": body.get("transaction", token)}
-    client_id = f"ingestd-cli-{random.getrandbits(32):08x}"
-    async with make_client(bus, client_id, username=username, password=password) as client:
-        props = None
-        if bus.protocol == "5":
-            reply = f"{base}/response/{command}/{token}"
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = reply
-            props.CorrelationData = token.encode()
-        else:
-            reply = f"{base}/response/{command}"
-        await client.subscribe(reply, qos=1)
-        await client.publish(f"{base}/request/{command}", json.dumps(body).encode(), qos=1, properties=props)
-        async with asyncio.timeout(timeout):
-            async for message in client.messages:
-                try:
-                    result = json.loads(message.payload)
-                except ValueError:
-                    continue
-                if result.get("transaction") == body["transaction"]:
-                    return result
-    raise TimeoutError
-
-
-def request_from_cli(args) -> int:
-    import os
-    import sys
-
-    from ..core.config import load_config
-    from ..plugin.manager import load_plugins
-
-    if args.what not in COMMANDS:
-        print(f"unknown request {args.what!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
-    plugins = load_plugins()
-    config = load_config(args.config, plugins.registry, plugins.errors())
-    body: dict[str, Any] = {}
-    if args.source:
-        body["source"] = args.source
-    if args.first:
-        body["from"] = args.first
-    if args.last:
-        body["to"] = args.last
-    if args.day:
-        body["day"] = args.day
-    if args.backfill_id is not None:
-        body["backfill_id"] = args.backfill_id
-    if args.request_id:
-        body["request_id"] = args.request_id
-    try:
-        result = asyncio.run(send_request(
-            config.bus, config.instance(), args.what, body, timeout=args.timeout,
-            username=os.environ.get("INGESTD_BUS_USERNAME"), password=os.environ.get("INGESTD_BUS_PASSWORD")))
-    except (TimeoutError, asyncio.TimeoutError):
-        print(f"no answer within {args.timeout} s (is the daemon running with [bus] enabled?)", file=sys.stderr)
-        return 1
-    except aiomqtt.MqttError as exc:
-        print(f"cannot reach the broker at {config.bus.host}:{config.bus.port}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2, default=str))
-    return 0 if result.get("status") == "ok" else 1

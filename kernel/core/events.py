@@ -12,8 +12,6 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-EVENT_TYPES: dict[str, type["Event"]] = {}
-
 
 @dataclass(frozen=True, kw_only=True)
 class Event:
@@ -23,10 +21,6 @@ class Event:
     run_id: str | None = None
     at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     data: dict[str, Any] = field(default_factory=dict)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        EVENT_TYPES[cls.type] = cls
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -109,7 +109,8 @@ def render(
 
 
 class QueryStyle(Protocol):
-    """What binding needs of a connector: `Capabilities` has both."""
+    """What binding needs of a connector: its `Capabilities` (of the instance: a connection's
+    config may change them, e.g. Snowflake's `lowercase_columns` drops the identifier quote)."""
 
     @property
     def paramstyle(self) -> ParamStyle: ...
@@ -118,12 +119,47 @@ class QueryStyle(Protocol):
     def quote(self) -> str: ...
 
 
+SLICE_ALIAS = "ingestd_s"
+
+
 def day_query(sql: str, window: DayWindow, style: QueryStyle, *, filter_column: str | None = None,
               filter_kind: Literal["timestamp", "date"] = "timestamp") -> DayQuery:
-    """`sql` bound to one day for a connector with these capabilities (its parameter style and
-    identifier quote): the one way a day query is built, for loads, probes, slices and the kit."""
+    """`sql` bound to one day for a connector with these capabilities: the one way a day query is
+    built, for loads, probes, ready queries and the conformance kit (`day_queries` for slices)."""
     return render(sql, window, style.paramstyle, filter_column=filter_column, filter_kind=filter_kind,
                   quote=style.quote)
+
+
+def sub_windows(window: DayWindow, k: int) -> list[DayWindow]:
+    """`window` cut into k half-open sub-ranges of equal length (to the microsecond); each keeps
+    the window's day and time zone, and together they cover it exactly, without overlap."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    span = window.end - window.start
+    bounds = [window.start + span * i // k for i in range(k)] + [window.end]
+    return [DayWindow(window.day, bounds[i], bounds[i + 1], window.timezone) for i in range(k)]
+
+
+def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int = 1,
+                slice_column: str | None = None, filter_column: str | None = None,
+                filter_kind: Literal["timestamp", "date"] = "timestamp") -> list[DayQuery]:
+    """The day query of `sql` cut into `slices` disjoint queries whose rows together are the day's.
+
+    By time (no `slice_column`): `{start}`/`{end}` are bound to k equal sub-ranges of the day
+    (`{day}` keeps the day). By column: the day query is wrapped k times as `SELECT * FROM (<day
+    query>) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s.<column>, k)), 0) = i`, the column quoted
+    with the connector's own quote; ABS keeps negative values and COALESCE puts NULLs in slice 0.
+    """
+    bind = dict(filter_column=filter_column, filter_kind=filter_kind)
+    if slices == 1:
+        return [day_query(sql, window, style, **bind)]  # type: ignore[arg-type]
+    if slice_column:
+        whole = day_query(sql, window, style, **bind)  # type: ignore[arg-type]
+        col = f"{SLICE_ALIAS}.{quote_ident(slice_column, style.quote)}"
+        return [DayQuery(f"SELECT * FROM (\n{whole.sql}\n) {SLICE_ALIAS} "
+                         f"WHERE COALESCE(ABS(MOD({col}, {slices})), 0) = {i}", whole.params, whole.window, whole.names)
+                for i in range(slices)]
+    return [day_query(sql, w, style, **bind) for w in sub_windows(window, slices)]  # type: ignore[arg-type]
 
 
 def uses_placeholders(sql: str) -> bool:

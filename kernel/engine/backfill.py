@@ -10,8 +10,8 @@ from collections.abc import Callable
 from ..core import logs
 from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress
 from ..core.errors import IngestdError
-from .ingest import load_partition
-from .runtime import Runtime, event
+from .ingest import Outcome, load_day
+from .runtime import Runtime, SourceGone, event
 from .state import Backfill
 
 log = logs.get("ingestd.backfill")
@@ -51,16 +51,16 @@ async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, st
     """Run the pending days of a backfill, oldest first; returns its final status."""
     pending = await rt.state.backfill_days(backfill_id, "pending")
     limit = asyncio.Semaphore(rt.config.daemon.max_concurrent_loads)
-    failed = 0
 
     async def one(source: str, day: dt.date) -> None:
-        nonlocal failed
         try:
             current = await rt.state.backfill(backfill_id)
             if current is None or current.status == "cancelled" or rt.stopping.is_set():
                 return
-            outcome = await load_partition(rt, source, day, "backfill", backfill_id=backfill_id)
-            failed += outcome.status == "failed"
+            try:
+                outcome = await load_day(rt, source, day, "backfill", backfill_id=backfill_id)
+            except SourceGone as exc:
+                outcome = Outcome("failed", reason=str(exc))
 
             def progress(done: int, total: int):
                 if on_progress:

@@ -24,10 +24,12 @@ import pyarrow as pa
 
 from ..core import logs
 from ..core.contracts import ProbeResult, Target
-from ..core.errors import PermanentError, RejectLimitExceeded, TransientError
+from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, TransientError
 from ..core.events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
-from .runtime import Runtime, event
+from ..core.config import DaemonSection
 from ..core.schema import RowMapper
+from .job import Job
+from .runtime import Runtime, event
 from .slices import fetch_slices
 
 log = logs.get("ingestd.ingest")
@@ -44,9 +46,9 @@ class Outcome:
     reason: str | None = None
 
 
-async def with_retry(rt: Runtime, what: str, call: Callable[[], Awaitable[T]], **ctx: Any) -> T:
-    """Run `call`, retrying TransientError with exponential backoff and jitter."""
-    d = rt.config.daemon
+async def with_retry(d: DaemonSection, what: str, call: Callable[[], Awaitable[T]], **ctx: Any) -> T:
+    """Run `call`, retrying TransientError with exponential backoff and jitter (the `retry_*`
+    settings of `[daemon]`)."""
     for attempt in range(1, d.retry_attempts + 1):
         try:
             return await call()
@@ -59,46 +61,50 @@ async def with_retry(rt: Runtime, what: str, call: Callable[[], Awaitable[T]], *
     raise AssertionError("unreachable")
 
 
-async def probe(rt: Runtime, source: str, day: dt.date) -> ProbeResult:
-    conn = rt.connector_of(source)
-    return await with_retry(rt, "probe", lambda: conn.probe(rt.day_query(source, day), rt.source_info(source)),
-                            source=source, day=day.isoformat())
+async def probe(job: Job, day: dt.date) -> ProbeResult:
+    query = job.day_query(day)
+    return await with_retry(job.daemon, "probe", lambda: job.connector.probe(query, job.info),
+                            source=job.source, day=day.isoformat())
 
 
-async def is_ready(rt: Runtime, source: str, day: dt.date, found: ProbeResult) -> bool:
+async def is_ready(job: Job, day: dt.date, found: ProbeResult) -> bool:
     """A day is ready when it has rows, unless a `ready_query` says otherwise (its first value,
     as a row count or boolean, decides)."""
-    src = rt.config.sources[source]
-    if not src.ready_query:
+    if not job.config.ready_query:
         return found.rows > 0
-    conn = rt.connector_of(source)
-    q = rt.day_query(source, day, src.ready_query)
-    result = await with_retry(rt, "ready", lambda: conn.probe(q, rt.source_info(source)))
+    q = job.day_query(day, job.config.ready_query)
+    result = await with_retry(job.daemon, "ready", lambda: job.connector.probe(q, job.info))
     return result.rows > 0 and found.rows > 0
 
 
-async def load_partition(rt: Runtime, source: str, day: dt.date, trigger: str, *,
+async def load_day(rt: Runtime, source: str, day: dt.date, trigger: str, **kw: Any) -> Outcome:
+    """`load_partition` on a job of `source` taken now."""
+    async with rt.job(source) as job:
+        return await load_partition(rt, job, day, trigger, **kw)
+
+
+async def load_partition(rt: Runtime, job: Job, day: dt.date, trigger: str, *,
                          backfill_id: int | None = None, found: ProbeResult | None = None) -> Outcome:
     """Load one day of one source and replace it in the sink, exactly once, atomically."""
+    source = job.source
     async with rt.partition_lock(source, day), rt.slots:
         rt.activity[f"{source}/{day}"] = f"loading {source} {day}"
         try:
-            return await _load(rt, source, day, trigger, backfill_id, found)
+            return await _load(rt, job, day, trigger, backfill_id, found)
         finally:
             rt.activity.pop(f"{source}/{day}", None)
 
 
-async def _load(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_id: int | None,
+async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: int | None,
                 found: ProbeResult | None) -> Outcome:
-    src = rt.config.sources[source]
-    sink = rt.sink_of(source)
+    source, src, sink = job.source, job.config, job.sink
     started = time.monotonic()
     part = await rt.state.partition(source, day)
     try:
         if found is None:
-            found = await probe(rt, source, day)
-        ready = await is_ready(rt, source, day, found)
-    except (TransientError, PermanentError) as exc:
+            found = await probe(job, day)
+        ready = await is_ready(job, day, found)
+    except Exception as exc:  # every failure is recorded as a run, with its reason
         return await _fail_without_run(rt, source, day, trigger, backfill_id, exc, started)
     if not ready:
         run_id = await rt.state.start_run(source, day, trigger, part.generation if part else 0, backfill_id,
@@ -117,7 +123,7 @@ async def _load(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_i
         lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)])
     try:
         stats = await with_retry(
-            rt, "load", lambda: _stream(rt, source, day, generation, run_id),
+            job.daemon, "load", lambda: _stream(job, day, generation),
             source=source, day=day.isoformat(), run_id=run_id, generation=generation)
     except (Exception, asyncio.CancelledError) as exc:  # every failure is recorded on the run, with its reason
         transient = isinstance(exc, (TransientError, asyncio.CancelledError))
@@ -153,9 +159,12 @@ async def _load(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_i
     return Outcome("succeeded", run_id, generation, stats["written"])
 
 
-async def _fail_without_run(rt, source, day, trigger, backfill_id, exc, started) -> Outcome:
+async def _fail_without_run(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_id: int | None,
+                            exc: Exception, started: float) -> Outcome:
     part = await rt.state.partition(source, day)
-    reason = str(exc)
+    reason = str(exc) if isinstance(exc, IngestdError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, IngestdError):
+        log.error("probe.error", source=source, day=day.isoformat(), exc_info=exc)
     run_id = await rt.state.start_run(source, day, trigger, part.generation if part else 0, backfill_id, lambda rid: [])
     await rt.state.finish_run(
         run_id, status="failed", reason=reason, duration_ms=_ms(started),
@@ -172,12 +181,11 @@ def _ms(started: float) -> int:
 _DONE = object()
 
 
-async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_id: str) -> dict:
+async def _stream(job: Job, day: dt.date, generation: int) -> dict:
     """One attempt: fetch, map and write overlapping; returns counts. Raises on any failure,
     after which the sink still holds the previous generation."""
-    src = rt.config.sources[source]
-    conn = rt.connector_of(source)
-    query = rt.day_query(source, day)
+    source, src, conn = job.source, job.config, job.connector
+    query = job.day_query(day)
     mapper = RowMapper(src.kind, src.mapping, query.window, source=source, generation=generation,
                        ingested_at=dt.datetime.now(dt.UTC))
     # One thread per load maps batches in order; closing the mapper on that thread waits for a
@@ -190,8 +198,8 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
 
     async def fetch_stage() -> None:
         try:
-            stream = (fetch_slices(rt, source, day, rt.batch_rows(source)) if src.slices > 1
-                      else conn.fetch(query, rt.batch_rows(source), rt.source_info(source)))
+            stream = (fetch_slices(job, day) if src.slices > 1
+                      else conn.fetch(query, job.batch_rows, job.info))
             async with contextlib.aclosing(stream) as stream:
                 async for batch in stream:
                     stats["fetched"] += batch.num_rows
@@ -237,7 +245,7 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
     tasks = [asyncio.create_task(fetch_stage()), asyncio.create_task(map_stage())]
     try:
         target = Target(src.kind, source, day, generation)
-        stats["written"] = await rt.sink_of(source).replace(target, batches())
+        stats["written"] = await job.sink.replace(target, batches())
         await asyncio.gather(*tasks)
     except BaseException as exc:
         exc.stats = {**stats, "reasons": dict(stats["reasons"])}  # type: ignore[attr-defined]
@@ -256,26 +264,26 @@ async def _stream(rt: Runtime, source: str, day: dt.date, generation: int, run_i
     return stats
 
 
-async def recheck_day(rt: Runtime, source: str, day: dt.date) -> str:
+async def recheck_day(rt: Runtime, job: Job, day: dt.date) -> str:
     """Probe a day again; reload it if its count moved past the threshold or (checksum mode)
     its fingerprint changed. Downloads no rows for an unchanged day. Returns what it did."""
-    src = rt.config.sources[source]
+    source, src = job.source, job.config
     part = await rt.state.partition(source, day)
     try:
-        found = await probe(rt, source, day)
+        found = await probe(job, day)
     except (TransientError, PermanentError) as exc:
         log.warning("check.failed", source=source, day=day.isoformat(), error=str(exc))
         return "failed"
     if part is None or part.generation == 0:
         if found.rows > 0:
-            out = await load_partition(rt, source, day, "recheck", found=found)
+            out = await load_partition(rt, job, day, "recheck", found=found)
             return "loaded" if out.status == "succeeded" else out.status
         await rt.state.set_partition(source, day, checked_at=dt.datetime.now(dt.UTC).isoformat(),
                                      **({} if part else {"status": "empty", "rows": 0, "source_rows": 0}))
         return "empty"
     loaded = part.source_rows if part.source_rows is not None else (part.rows or 0)
     change_pct = abs(found.rows - loaded) * 100 / loaded if loaded else (100.0 if found.rows else 0.0)
-    caps = rt.connector_of(source).capabilities
+    caps = job.connector.capabilities
     fp_changed = (src.recheck.detect == "checksum" and caps.fingerprint and found.fingerprint is not None
                   and found.fingerprint != part.fingerprint)
     now = dt.datetime.now(dt.UTC).isoformat()
@@ -283,7 +291,7 @@ async def recheck_day(rt: Runtime, source: str, day: dt.date) -> str:
         await rt.state.set_partition(source, day, checked_at=now, events=[event(
             CheckChanged, source, day, None, loaded_rows=loaded, rows=found.rows,
             change_pct=round(change_pct, 3), fingerprint_changed=fp_changed)])
-        out = await load_partition(rt, source, day, "recheck", found=found)
+        out = await load_partition(rt, job, day, "recheck", found=found)
         return "reloaded" if out.status == "succeeded" else out.status
     await rt.state.set_partition(source, day, checked_at=now, events=[event(
         CheckUnchanged, source, day, None, rows=found.rows, change_pct=round(change_pct, 3))])

@@ -7,9 +7,9 @@ import datetime as dt
 
 from ..core import logs
 from ..core.config import Config
-from .ingest import load_partition, recheck_day
-from .runtime import Runtime
 from ..core.scheduler import CronWindows
+from .ingest import load_partition, recheck_day
+from .runtime import Runtime, SourceGone
 
 log = logs.get("ingestd.planner")
 
@@ -41,37 +41,48 @@ def lookback(rt: Runtime, source: str, newest: dt.date) -> list[dt.date]:
 async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
     """Load, oldest first, every day in the look-back range that holds no generation yet or
     whose last load failed: the newest day, any missed while the daemon was down, and retries.
-    Days not landed stay for the next window."""
-    newest = newest_day(rt, source, now)
+    Days not landed stay for the next window. Each day's load takes its own job, so a reload
+    during a window applies from the next day on; a source removed meanwhile ends the window."""
     done: dict[dt.date, str] = {}
-    if newest is None:
+    if source not in rt.config.sources or (newest := newest_day(rt, source, now)) is None:
         return done
-    for day in lookback(rt, source, newest):
-        if rt.stopping.is_set():
-            break
-        part = await rt.state.partition(source, day)
-        if part and part.generation > 0 and part.status != "failed":
-            continue
-        outcome = await load_partition(rt, source, day, "scheduled")
-        done[day] = outcome.status
+    try:
+        for day in lookback(rt, source, newest):
+            if rt.stopping.is_set():
+                break
+            part = await rt.state.partition(source, day)
+            if part and part.generation > 0 and part.status != "failed":
+                continue
+            async with rt.job(source) as job:
+                done[day] = (await load_partition(rt, job, day, "scheduled")).status
+    except SourceGone:
+        return done
     await rt.state.mark_window(source, "load", now)
     return done
 
 
 async def run_recheck_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
     """Probe every day in the look-back range; reload the changed ones."""
-    newest = newest_day(rt, source, now)
     done: dict[dt.date, str] = {}
-    if newest is not None:
-        for day in lookback(rt, source, newest):
-            if rt.stopping.is_set():
-                break
-            done[day] = await recheck_day(rt, source, day)
+    if source not in rt.config.sources:
+        return done
+    newest = newest_day(rt, source, now)
+    try:
+        if newest is not None:
+            for day in lookback(rt, source, newest):
+                if rt.stopping.is_set():
+                    break
+                async with rt.job(source) as job:
+                    done[day] = await recheck_day(rt, job, day)
+    except SourceGone:
+        return done
     await rt.state.mark_window(source, "recheck", now)
     return done
 
 
 async def recheck_due(rt: Runtime, source: str, now: dt.datetime) -> bool:
+    if source not in rt.config.sources:
+        return False
     windows = recheck_windows(rt.config, source)
     if windows is None:
         return False

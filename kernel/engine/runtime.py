@@ -1,5 +1,10 @@
 """What one ingestd process holds while it works: config, plugins, state store, connector and
-sink instances, the event dispatcher, and the limits on concurrent work."""
+sink instances, the event dispatcher, and the limits on concurrent work.
+
+Loads never read the runtime's config directly: they take a `Job` (a snapshot of their source,
+connector and sink) when they start, so a SIGHUP that swaps the config (`reconfigure`) changes
+only loads that start after it.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,23 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..core import logs
 from ..core.config import Config
-from ..core.contracts import Connector, SourceInfo, Sink
-from ..core.errors import ConfigError, ConfigErrors
+from ..core.contracts import Connector, Sink
+from ..core.errors import ConfigError, ConfigErrors, IngestdError
 from ..core.events import Event
 from ..plugin.manager import LoadedPlugins
-from ..core.query import DayQuery, DayWindow, render
+from .job import Job
 from .state import StateStore
 
 log = logs.get("ingestd")
+
+
+class SourceGone(IngestdError):
+    """The source was removed from the config (a reload) before its work could start."""
 
 
 class Dispatcher:
@@ -47,20 +56,26 @@ class Dispatcher:
                     log.warning("listener_failed", error=repr(exc))
 
 
+class _Shared:
+    """A connector or sink instance with the jobs that use it. Retired by a reload that removes or
+    changes its table, it is closed when the last job using it ends."""
+
+    def __init__(self, resource: Connector | Sink):
+        self.resource = resource
+        self.users = 0
+        self.retired = False
+
+
 class Runtime:
-    def __init__(self, config: Config, plugins: LoadedPlugins, *, now: Callable[[], dt.datetime] | None = None,
-                 outbox: bool | None = None):
+    def __init__(self, config: Config, plugins: LoadedPlugins, *, outbox: bool | None = None):
         self.config = config
         self.plugins = plugins
         self.dispatch = Dispatcher(plugins)
-        self.now = now or (lambda: dt.datetime.now(dt.UTC))
         self.state = StateStore(config.state_path(), outbox=config.bus.enabled if outbox is None else outbox,
                                 on_events=self.dispatch)
-        self.connectors: dict[str, Connector] = {}
-        self.sinks: dict[str, Sink] = {}
-        self.retired_sinks: list[Sink] = []
-        """Sinks a reload replaced or removed: loads that started before may still use them, so
-        they are closed with the runtime."""
+        self._connectors: dict[str, _Shared] = {}
+        self._sinks: dict[str, _Shared] = {}
+        self._retired: list[_Shared] = []
         self.slots = asyncio.Semaphore(config.daemon.max_concurrent_loads)
         self._partition_locks: dict[tuple[str, dt.date], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.activity: dict[str, str] = {}
@@ -71,59 +86,114 @@ class Runtime:
         logs.set_secrets(self.config.secrets())
         await self.state.open()
         try:
-            for name, plugged in self.config.sinks.items():
-                sink = self.plugins.registry.sinks[plugged.type](plugged.config, name=name)
-                await sink.open()
-                self.sinks[name] = sink
+            self._sinks = {name: _Shared(sink) for name, sink in (await open_sinks(self.config, self.plugins)).items()}
         except BaseException:
             await self.close()
             raise
         return self
 
     async def close(self) -> None:
-        for c in self.connectors.values():
+        for shared in [*self._connectors.values(), *self._sinks.values(), *self._retired]:
             with contextlib.suppress(Exception):
-                await c.close()
-        for s in [*self.sinks.values(), *self.retired_sinks]:
-            with contextlib.suppress(Exception):
-                await s.close()
-        self.connectors.clear()
-        self.sinks.clear()
-        self.retired_sinks.clear()
+                await shared.resource.close()
+        self._connectors.clear()
+        self._sinks.clear()
+        self._retired.clear()
         await self.state.close()
 
-    def retire_sink(self, name: str) -> None:
-        sink = self.sinks.pop(name, None)
-        if sink is not None:
-            self.retired_sinks.append(sink)
+    # -- what loads use ---------------------------------------------------------------------------
 
     def connector(self, name: str) -> Connector:
-        if name not in self.connectors:
+        """The connector of connection `name`, made on first use."""
+        if name not in self._connectors:
             plugged = self.config.connections[name]
-            self.connectors[name] = self.plugins.registry.connectors[plugged.type](plugged.config, name=name)
-        return self.connectors[name]
+            self._connectors[name] = _Shared(self.plugins.registry.connectors[plugged.type](plugged.config, name=name))
+        return self._connectors[name].resource  # type: ignore[return-value]
 
-    def connector_of(self, source: str) -> Connector:
-        return self.connector(self.config.sources[source].connection)
+    def sink(self, name: str) -> Sink:
+        return self._sinks[name].resource  # type: ignore[return-value]
 
     def sink_of(self, source: str) -> Sink:
-        return self.sinks[self.config.sink_of(source)]
+        return self.sink(self.config.sink_of(source))
 
-    def source_info(self, source: str) -> SourceInfo:
-        return SourceInfo(source, self.config.sources[source].timezone)
-
-    def day_query(self, source: str, day: dt.date, sql: str | None = None) -> DayQuery:
-        src = self.config.sources[source]
-        caps = self.connector_of(source).capabilities
-        column, kind = src.mapping.filter_column(src.kind)
-        return render(sql or src.query, DayWindow.of(day, src.timezone), caps.paramstyle,
-                      filter_column=column, filter_kind=kind, quote=caps.quote)
+    @contextlib.asynccontextmanager
+    async def job(self, source: str) -> AsyncIterator[Job]:
+        """A snapshot of `source` for one load: its config, connector and sink as they are now.
+        Raises `SourceGone` if a reload removed the source."""
+        config = self.config
+        src = config.sources.get(source)
+        if src is None:
+            raise SourceGone(f"source {source!r} is no longer configured")
+        self.connector(src.connection)
+        connection, sink = self._connectors[src.connection], self._sinks[config.sink_of(source)]
+        plugged = config.connections[src.connection]
+        job = Job(source, src, src.connection, plugged.type, plugged.config, connection.resource,  # type: ignore[arg-type]
+                  config.sink_of(source), sink.resource, config.daemon, tuple(config.secrets()))  # type: ignore[arg-type]
+        connection.users += 1
+        sink.users += 1
+        try:
+            yield job
+        finally:
+            connection.users -= 1
+            sink.users -= 1
+            await self._close_unused()
 
     def partition_lock(self, source: str, day: dt.date) -> asyncio.Lock:
         return self._partition_locks[(source, day)]
 
-    def batch_rows(self, source: str) -> int:
-        return self.config.sources[source].batch_rows or self.config.daemon.batch_rows
+    # -- reloads -----------------------------------------------------------------------------------
+
+    def reconfigure(self, new: Config, opened_sinks: dict[str, Sink]) -> None:
+        """Take `new` as the config. `opened_sinks` are the sinks `new` adds or changes, opened
+        already; the sinks and connectors it removes or changes are retired: loads running on them
+        go on, and each is closed when its last load ends."""
+        old = self.config
+        self.config = new
+        for name in [n for n in self._sinks if n not in new.sinks or n in opened_sinks]:
+            self._retire(self._sinks.pop(name))
+        for name, sink in opened_sinks.items():
+            self._sinks[name] = _Shared(sink)
+        for name in list(self._connectors):
+            if name not in new.connections or new.connections[name] != old.connections.get(name):
+                self._retire(self._connectors.pop(name))
+
+    def _retire(self, shared: _Shared) -> None:
+        shared.retired = True
+        self._retired.append(shared)
+
+    async def _close_unused(self) -> None:
+        for shared in [s for s in self._retired if s.users == 0]:
+            self._retired.remove(shared)
+            try:
+                await shared.resource.close()
+            except Exception as exc:
+                log.warning("close_failed", name=getattr(shared.resource, "name", "?"), error=repr(exc))
+
+    async def settle_retired(self) -> None:
+        """Close the retired connectors and sinks no load uses any more (after a reload)."""
+        await self._close_unused()
+
+
+async def open_sinks(config: Config, plugins: LoadedPlugins, *, only: set[str] | None = None) -> dict[str, Sink]:
+    """Open the config's sinks (or those named in `only`): all of them, or none. A sink that fails
+    to open is a config error naming its table; the ones opened before it are closed again."""
+    opened: dict[str, Sink] = {}
+    try:
+        for name, plugged in config.sinks.items():
+            if only is not None and name not in only:
+                continue
+            sink = plugins.registry.sinks[plugged.type](plugged.config, name=name)
+            try:
+                await sink.open()
+            except Exception as exc:
+                raise ConfigError(f"sinks.{name}", f"could not be opened: {exc}", file=str(config.file)) from exc
+            opened[name] = sink
+    except BaseException:
+        for sink in opened.values():
+            with contextlib.suppress(Exception):
+                await sink.close()
+        raise
+    return opened
 
 
 def check_capabilities(config: Config, plugins: LoadedPlugins) -> None:

@@ -6,7 +6,8 @@ processes give it K interpreters. The parts are merged, in the order they arrive
 stream the load's map and sink stages consume, so the sink still replaces the day with one
 generation, atomically, exactly as for an unsliced load.
 
-How a day is cut:
+How a day is cut (`Job.slice_queries`, built by `ingestd.core.query.day_queries` from the
+connector instance's capabilities, like every other day query):
 
 - by time (the default): `[start, end)` of the day is split into K half-open sub-ranges of equal
   length, and the source's query is rendered once per sub-range, with `{start}`/`{end}` bound to
@@ -14,7 +15,8 @@ How a day is cut:
   slice. The query must filter on `{start}`/`{end}` (or have no placeholder and a mapped
   timestamp column, which the kernel filters on the same way).
 - by column (`slice_column = "user_id"`): the day query is wrapped K times as
-  `SELECT * FROM (<day query>) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s."user_id", K)), 0) = i`.
+  `SELECT * FROM (<day query>) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s."user_id", K)), 0) = i`,
+  the column quoted with the connection's own quote (none where Snowflake folds names).
   The column must be an integer column of the query's result; ABS keeps negative values and
   COALESCE puts NULLs in slice 0, so every row is in exactly one slice.
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import importlib
 import multiprocessing as mp
 import os
@@ -59,7 +62,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import pyarrow as pa
 
@@ -67,47 +70,17 @@ from ..core import logs
 from ..core.contracts import SourceInfo
 from ..core.errors import ConnectorError, PermanentError, TransientError
 from ..core.memory import use_system_memory_pool
-from ..core.query import DayQuery, DayWindow, ParamStyle, quote_ident, render
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from ..core.query import DayQuery
+from .job import Job
 
 log = logs.get("ingestd.slices")
 
-SLICE_ALIAS = "ingestd_s"
 QUEUE_DEPTH = 2
 """Merged batches waiting for the map stage; each slice's reader holds one more at most."""
 SEND_AHEAD = 1
 """Batches a worker serializes ahead of the one it is sending."""
 STOP_GRACE_SECONDS = 10.0
 """How long stopped workers get to close their fetch before they are killed."""
-
-
-# -- cutting a day ------------------------------------------------------------------------------
-
-def sub_windows(window: DayWindow, k: int) -> list[DayWindow]:
-    """`window` cut into k half-open sub-ranges of equal length (to the microsecond); each keeps
-    the window's day and time zone, and together they cover it exactly, without overlap."""
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    span = window.end - window.start
-    bounds = [window.start + span * i // k for i in range(k)] + [window.end]
-    return [DayWindow(window.day, bounds[i], bounds[i + 1], window.timezone) for i in range(k)]
-
-
-def slice_queries(sql: str, window: DayWindow, k: int, style: ParamStyle, *, quote: str = '"',
-                  filter_column: str | None = None, filter_kind: Literal["timestamp", "date"] = "timestamp",
-                  slice_column: str | None = None) -> list[DayQuery]:
-    """The day query of `sql` cut into k disjoint queries whose rows together are the day's."""
-    bind = dict(filter_column=filter_column, filter_kind=filter_kind, quote=quote)
-    if k == 1:
-        return [render(sql, window, style, **bind)]
-    if slice_column:
-        day = render(sql, window, style, **bind)
-        col = f"{SLICE_ALIAS}.{quote_ident(slice_column, quote)}"
-        return [DayQuery(f"SELECT * FROM (\n{day.sql}\n) {SLICE_ALIAS} WHERE COALESCE(ABS(MOD({col}, {k})), 0) = {i}",
-                         day.params, day.window, day.names) for i in range(k)]
-    return [render(sql, w, style, **bind) for w in sub_windows(window, k)]
 
 
 # -- what a worker is given -----------------------------------------------------------------------
@@ -130,26 +103,18 @@ class SliceTask:
     secrets: tuple[str, ...] = ()
 
 
-def tasks_for(rt: "Runtime", source: str, day, batch_rows: int) -> list[SliceTask]:
-    """The slice tasks of one day of a source, from the runtime's config."""
-    src = rt.config.sources[source]
-    plugged = rt.config.connections[src.connection]
-    cls = type(rt.connector_of(source))
-    caps = cls.capabilities
-    column, kind = src.mapping.filter_column(src.kind)
-    queries = slice_queries(src.query, DayWindow.of(day, src.timezone), src.slices, caps.paramstyle,
-                            quote=caps.quote, filter_column=column, filter_kind=kind, slice_column=src.slice_column)
-    return [SliceTask(i, len(queries), plugged.type, (cls.__module__, cls.__qualname__), src.connection,
-                      plugged.config, q, batch_rows, rt.source_info(source), rt.config.daemon.log_level,
-                      tuple(rt.config.secrets()))
+def tasks_for(job: Job, day: dt.date) -> list[SliceTask]:
+    """The slice tasks of one day of a job's source."""
+    cls = type(job.connector)
+    queries = job.slice_queries(day)
+    return [SliceTask(i, len(queries), job.connection_type, (cls.__module__, cls.__qualname__), job.connection,
+                      job.connection_config, q, job.batch_rows, job.info, job.daemon.log_level, job.secrets)
             for i, q in enumerate(queries)]
 
 
-async def fetch_slices(rt: "Runtime", source: str, day, batch_rows: int) -> AsyncIterator[pa.RecordBatch]:
+async def fetch_slices(job: Job, day: dt.date, *, preload: list[str] | None = None) -> AsyncIterator[pa.RecordBatch]:
     """The day's rows of a sliced source, fetched by worker processes, merged as they arrive."""
-    tasks = tasks_for(rt, source, day, batch_rows)
-    preload = sorted({c.__module__ for c in rt.plugins.registry.connectors.values()})
-    async with contextlib.aclosing(stream_slices(tasks, preload=preload)) as stream:
+    async with contextlib.aclosing(stream_slices(tasks_for(job, day), preload=preload)) as stream:
         async for batch in stream:
             yield batch
 

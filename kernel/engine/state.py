@@ -287,28 +287,10 @@ class StateStore:
     async def running_runs(self) -> list[RunRow]:
         return [_run(r) for r in await self._all("SELECT * FROM runs WHERE status = 'running' ORDER BY started_at")]
 
-    async def runs(self, source: str | None = None, day: dt.date | None = None, limit: int = 1000) -> list[RunRow]:
-        sql, params = "SELECT * FROM runs WHERE 1 = 1", []
-        if source:
-            sql, params = sql + " AND source = ?", params + [source]
-        if day:
-            sql, params = sql + " AND day = ?", params + [day.isoformat()]
-        rows = await self._all(sql + " ORDER BY started_at, rowid LIMIT ?", params + [limit])
-        return [_run(r) for r in rows]
-
     async def last_run(self, source: str) -> RunRow | None:
         rows = await self._all("SELECT * FROM runs WHERE source = ? AND status != 'running'"
                                " ORDER BY finished_at DESC LIMIT 1", (source,))
         return _run(rows[0]) if rows else None
-
-    async def max_generation(self, source: str, day: dt.date) -> int:
-        rows = await self._all("SELECT MAX(generation) FROM runs WHERE source = ? AND day = ? AND status = 'succeeded'",
-                               (source, day.isoformat()))
-        return rows[0][0] or 0
-
-    async def rejects(self, run_id: str) -> list[dict]:
-        rows = await self._all("SELECT reason, row FROM rejects WHERE run_id = ? ORDER BY id", (run_id,))
-        return [{"reason": r["reason"], "row": json.loads(r["row"])} for r in rows]
 
     async def usage(self, first: dt.date | None = None, last: dt.date | None = None) -> list[dict]:
         rows = await self._all(
@@ -416,10 +398,6 @@ class StateStore:
             return
         async with self.transaction() as tx:
             await tx.db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
-
-    async def outbox_size(self) -> int:
-        return (await self._all("SELECT COUNT(*) FROM outbox"))[0][0]
-
 
 class Tx:
     """One open write transaction; `emit` queues an event into the outbox within it."""

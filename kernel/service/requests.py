@@ -1,4 +1,6 @@
-"""Requests from the bus: validated strictly, answered with `{status, data, error, transaction}`.
+"""The request protocol shared by the bus and HTTP: a command name and a JSON payload in,
+`{status, data, error, transaction}` out. Validated strictly, then carried out by the control
+layer.
 
 A request that is not JSON, has unknown or wrong fields, names an unknown command or source, or
 asks for too long a range gets an error answer and changes nothing.
@@ -9,16 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..engine import backfill as backfills
-from ..engine.ingest import load_partition
-from .views import source_status
+from .control import Control, ControlError
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-
-COMMANDS = ("backfill", "ready", "reload", "status", "cancel")
+REQUESTS = ("backfill", "ready", "reload", "status", "cancel")
+"""The commands a request may name (the last part of `<base>/request/<command>`)."""
 
 
 class BadRequest(Exception):
@@ -51,7 +49,7 @@ def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict, Any]:
     if len(payload) > max_bytes:
         raise BadRequest(f"payload of {len(payload)} bytes is larger than {max_bytes}")
     if command not in SPECS:
-        raise BadRequest(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+        raise BadRequest(f"unknown command {command!r} (commands: {', '.join(REQUESTS)})")
     try:
         body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
     except (UnicodeDecodeError, ValueError) as exc:
@@ -81,49 +79,29 @@ def _day(body: dict, key: str) -> dt.date:
         raise BadRequest(f"field {key!r} is not a date (YYYY-MM-DD): {body[key]!r}") from None
 
 
-def _source(daemon: "Daemon", name: str) -> str:
-    if name not in daemon.config.sources:
-        raise BadRequest(f"unknown source {name!r}")
-    return name
-
-
-async def handle(daemon: "Daemon", command: str, payload: bytes, max_bytes: int) -> dict:
+async def handle(control: Control, command: str, payload: bytes, max_bytes: int) -> dict[str, Any]:
     """Validate and carry out one request; never raises for bad input."""
     transaction = None
     try:
         body, transaction = parse(command, payload, max_bytes)
-        data = await _run(daemon, command, body)
+        data = await _run(control, command, body)
         return answer("ok", data=data, transaction=transaction)
-    except (BadRequest, backfills.BackfillRejected) as exc:
+    except (BadRequest, ControlError) as exc:
         return answer("error", error=str(exc), transaction=transaction)
 
 
-async def _run(daemon: "Daemon", command: str, body: dict) -> Any:
-    rt = daemon.rt
-    assert rt is not None
+async def _run(control: Control, command: str, body: dict[str, Any]) -> Any:
     if command == "backfill":
         first, last = _day(body, "from"), _day(body, "to")
-        source = body["source"] if body["source"] == "*" else _source(daemon, body["source"])
-        b, created = await backfills.submit(rt, source, first, last, request_id=body.get("request_id"), origin="mqtt")
-        if created or (b.status == "running" and f"backfill-{b.id}" not in {t.get_name() for t in daemon.tasks}):
-            daemon.spawn(daemon._run_backfill(b.id), f"backfill-{b.id}")
-        days = len(await rt.state.backfill_days(b.id))
-        return {"backfill_id": b.id, "created": created, "status": b.status, "sources": b.sources,
-                "from": b.day_from.isoformat(), "to": b.day_to.isoformat(), "days": days}
+        source = body["source"] if body["source"] == "*" else control.source(body["source"])
+        ticket = await control.backfill(source, first, last, request_id=body.get("request_id"), origin="mqtt")
+        return ticket.as_dict()
     if command in ("ready", "reload"):
-        source, day = _source(daemon, body["source"]), _day(body, "day")
-        trigger = "ready" if command == "ready" else "manual"
-        daemon.spawn(load_partition(rt, source, day, trigger), f"{command}-{source}-{day}")
-        return {"source": source, "day": day.isoformat(), "trigger": trigger, "accepted": True}
+        source, day = control.source(body["source"]), _day(body, "day")
+        ticket = await control.load(source, day, command="ready" if command == "ready" else "load")
+        return ticket.as_dict()
     if command == "status":
-        names = [_source(daemon, body["source"])] if body.get("source") else sorted(daemon.config.sources)
-        now = dt.datetime.now(dt.UTC)
-        return {"sources": [await source_status(daemon.config, rt.state, n, 7, now) for n in names],
-                "activity": daemon.status_line(),
-                "backfills": [{"id": b.id, "sources": b.sources, "from": str(b.day_from), "to": str(b.day_to)}
-                              for b in await rt.state.backfills("running")]}
+        return await control.status(body.get("source"))
     if command == "cancel":
-        if not await backfills.cancel(rt, body["backfill_id"]):
-            raise BadRequest(f"no running backfill with id {body['backfill_id']}")
-        return {"backfill_id": body["backfill_id"], "status": "cancelled"}
+        return await control.cancel(body["backfill_id"])
     raise BadRequest(f"unknown command {command!r}")

@@ -1,0 +1,45 @@
+"""Send one request to a running daemon over MQTT and wait for its answer (`ingestd request`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+from typing import Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..core.config import BusSection
+from .mqtt import base_topic, make_client
+
+
+async def send_request(bus: BusSection, instance: str, command: str, body: dict[str, Any], *, timeout: float = 10.0,
+                       username: str | None = None, password: str | None = None) -> dict:
+    """Publish one request and wait for its answer (MQTT 5 response topic + correlation data,
+    or `response/<command>` matched on `transaction` under MQTT 3.1.1)."""
+    base = base_topic(bus, instance)
+    token = f"cli-{socket.gethostname()}-{random.getrandbits(48):012x}"
+    body = {**body, "transaction": body.get("transaction", token)}
+    client_id = f"ingestd-cli-{random.getrandbits(32):08x}"
+    async with make_client(bus, client_id, username=username, password=password) as client:
+        props = None
+        if bus.protocol == "5":
+            reply = f"{base}/response/{command}/{token}"
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply
+            props.CorrelationData = token.encode()
+        else:
+            reply = f"{base}/response/{command}"
+        await client.subscribe(reply, qos=1)
+        await client.publish(f"{base}/request/{command}", json.dumps(body).encode(), qos=1, properties=props)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                try:
+                    result = json.loads(message.payload)
+                except ValueError:
+                    continue
+                if result.get("transaction") == body["transaction"]:
+                    return result
+    raise TimeoutError

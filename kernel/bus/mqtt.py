@@ -1,0 +1,25 @@
+"""MQTT plumbing shared by the bus server and the request client: the base topic and a
+configured aiomqtt client (protocol version, TLS, credentials)."""
+
+from __future__ import annotations
+
+import aiomqtt
+
+from ..core.config import BusSection
+
+
+def base_topic(bus: BusSection, instance: str) -> str:
+    return bus.base_topic or f"ingestd/{instance}"
+
+
+def make_client(bus: BusSection, client_id: str, *, will: aiomqtt.Will | None = None,
+                username: str | None = None, password: str | None = None) -> aiomqtt.Client:
+    tls = None
+    if bus.tls or bus.ca_file:
+        tls = aiomqtt.TLSParameters(ca_certs=bus.ca_file, certfile=bus.cert_file, keyfile=bus.key_file)
+    protocol = aiomqtt.ProtocolVersion.V5 if bus.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    return aiomqtt.Client(
+        bus.host, bus.port, identifier=client_id, protocol=protocol, will=will, keepalive=bus.keepalive,
+        username=username if username is not None else bus.username,
+        password=password if password is not None else (bus.password.reveal() if bus.password else None),
+        tls_params=tls, timeout=10.0)

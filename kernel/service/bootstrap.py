@@ -1,0 +1,77 @@
+"""Putting a process together: the runtime opened and settled, the control layer over it, and,
+for `ingestd run`, the daemon with the services it is given.
+
+The services (the MQTT bus, the HTTP listener) live in layers above this one; the caller (the
+CLI) passes their factories, so the daemon receives them instead of building them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from ..core import logs
+from ..core.config import Config
+from ..engine.ingest import recover
+from ..engine.runtime import Runtime
+from ..plugin.manager import LoadedPlugins
+from .control import Control
+from .daemon import Daemon, Service
+from .notify import Notifier
+from .tasks import Tasks
+
+log = logs.get("ingestd")
+
+ServiceFactory = Callable[[Runtime, Control], "Service | None"]
+"""Makes a service for a daemon, or None when the config leaves it off."""
+
+
+async def open_runtime(config: Config, plugins: LoadedPlugins) -> Runtime:
+    """The runtime opened (state store locked, sinks open) with interrupted runs settled."""
+    rt = await Runtime(config, plugins).open()
+    try:
+        settled = await recover(rt)
+    except BaseException:
+        await rt.close()
+        raise
+    if settled:
+        log.info("recovered", runs=len(settled))
+    return rt
+
+
+@contextlib.asynccontextmanager
+async def local_control(config: Config, plugins: LoadedPlugins) -> AsyncIterator[Control]:
+    """The control layer in this process, for a CLI command that works without a daemon; holds
+    the state store's lock until the block ends."""
+    rt = await open_runtime(config, plugins)
+    tasks = Tasks()
+    try:
+        yield Control(rt, tasks)
+        await tasks.settle(config.daemon.shutdown_grace_seconds)
+    finally:
+        await tasks.cancel_all()
+        await rt.close()
+
+
+async def make_daemon(config: Config, plugins: LoadedPlugins, services: Sequence[ServiceFactory] = (),
+                      notifier: Notifier | None = None) -> Daemon:
+    rt = await open_runtime(config, plugins)
+    try:
+        tasks = Tasks()
+        control = Control(rt, tasks, activity=lambda: ", ".join(sorted(rt.activity.values())) or "idle")
+        made = [s for s in (factory(rt, control) for factory in services) if s is not None]
+        return Daemon(rt, control, tasks, services=made, notifier=notifier)
+    except BaseException:
+        await rt.close()
+        raise
+
+
+def run_forever(config: Config, plugins: LoadedPlugins, services: Sequence[ServiceFactory] = ()) -> int:
+    """`ingestd run`: serve until SIGTERM/SIGINT."""
+    async def serve() -> None:
+        daemon = await make_daemon(config, plugins, services)
+        await daemon.serve()
+
+    asyncio.run(serve())
+    return 0

@@ -1,0 +1,157 @@
+"""The control layer: the one typed API behind every door. MQTT requests (`bus`), the CLI, and
+next HTTP call these methods; none of them reaches into the engine or the daemon on its own.
+
+Each method validates what it is given and raises `ControlError` (a sentence saying what is wrong)
+before it changes anything. Work that outlives a request (a load, a backfill) runs as a named
+task of the daemon's `Tasks`; the CLI, which runs in the foreground, awaits it instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..core.errors import IngestdError
+from ..engine import backfill as backfills
+from ..engine.ingest import Outcome, load_day
+from ..engine.planner import run_due
+from ..engine.runtime import Runtime, SourceGone
+from ..engine.state import Backfill
+from .tasks import Tasks
+from .views import status_report
+
+TRIGGERS = {"ready": "ready", "load": "manual"}
+
+
+class ControlError(IngestdError):
+    """What was wrong with a command, in a sentence; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class BackfillTicket:
+    backfill_id: int
+    created: bool
+    status: str
+    sources: list[str]
+    first: dt.date
+    last: dt.date
+    days: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backfill_id": self.backfill_id, "created": self.created, "status": self.status,
+                "sources": self.sources, "from": self.first.isoformat(), "to": self.last.isoformat(),
+                "days": self.days}
+
+
+@dataclass(frozen=True)
+class LoadTicket:
+    source: str
+    day: dt.date
+    trigger: str
+    accepted: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "day": self.day.isoformat()}
+
+
+class Control:
+    def __init__(self, rt: Runtime, tasks: Tasks, *, activity: Callable[[], str] | None = None):
+        self.rt = rt
+        self.tasks = tasks
+        self._activity = activity or (lambda: ", ".join(sorted(rt.activity.values())) or "idle")
+
+    def source(self, name: str) -> str:
+        if name not in self.rt.config.sources:
+            configured = ", ".join(sorted(self.rt.config.sources)) or "none"
+            raise ControlError(f"unknown source {name!r} (configured: {configured})")
+        return name
+
+    # -- status ------------------------------------------------------------------------------------
+
+    async def status(self, source: str | None = None, days: int = 7) -> dict[str, Any]:
+        names = [self.source(source)] if source else sorted(self.rt.config.sources)
+        report = await status_report(self.rt.config, self.rt.state, names, days, dt.datetime.now(dt.UTC))
+        return {**report, "activity": self._activity()}
+
+    # -- loads ---------------------------------------------------------------------------------------
+
+    async def load(self, source: str, day: dt.date, *, command: str = "load", wait: bool = False) -> LoadTicket | Outcome:
+        """Load (or reload) one day now. `command` "ready" records the user's word that the day is
+        complete. With `wait`, returns the outcome; else the load runs as a task and the ticket
+        says it was accepted."""
+        self.source(source)
+        trigger = TRIGGERS[command]
+        if wait:
+            try:
+                return await load_day(self.rt, source, day, trigger)
+            except SourceGone as exc:
+                raise ControlError(str(exc)) from None
+        self.tasks.spawn(self._load_quietly(source, day, trigger), f"{command}-{source}-{day}")
+        return LoadTicket(source, day, trigger)
+
+    async def _load_quietly(self, source: str, day: dt.date, trigger: str) -> None:
+        try:
+            await load_day(self.rt, source, day, trigger)
+        except SourceGone:
+            pass  # removed by a reload before the load started: nothing to do
+
+    # -- backfills -----------------------------------------------------------------------------------
+
+    def resolve_sources(self, source: str | list[str]) -> list[str]:
+        try:
+            return backfills.resolve_sources(self.rt, source)
+        except backfills.BackfillRejected as exc:
+            raise ControlError(str(exc)) from None
+
+    async def submit_backfill(self, source: str | list[str], first: dt.date, last: dt.date, *,
+                              request_id: str | None = None, origin: str = "cli") -> tuple[Backfill, bool]:
+        """Store a backfill durably (or find the one stored under `request_id`); runs nothing."""
+        try:
+            return await backfills.submit(self.rt, source, first, last, request_id=request_id, origin=origin)
+        except backfills.BackfillRejected as exc:
+            raise ControlError(str(exc)) from None
+
+    async def find_backfill(self, sources: list[str], first: dt.date, last: dt.date) -> Backfill | None:
+        return await self.rt.state.find_backfill(sources, first, last)
+
+    async def backfill(self, source: str | list[str], first: dt.date, last: dt.date, *,
+                       request_id: str | None = None, origin: str = "mqtt") -> BackfillTicket:
+        """Store a backfill and start it in the background (a stored one that is not running yet,
+        e.g. after a restart, is started too)."""
+        b, created = await self.submit_backfill(source, first, last, request_id=request_id, origin=origin)
+        if b.status == "running":
+            self.start_backfill(b.id)
+        days = len(await self.rt.state.backfill_days(b.id))
+        return BackfillTicket(b.id, created, b.status, b.sources, b.day_from, b.day_to, days)
+
+    def start_backfill(self, backfill_id: int) -> None:
+        name = f"backfill-{backfill_id}"
+        if not self.tasks.running(name):
+            self.tasks.spawn(backfills.run(self.rt, backfill_id), name)
+
+    async def resume_backfills(self) -> None:
+        """Start every stored backfill left running (by a stop or a kill)."""
+        for b in await self.rt.state.backfills("running"):
+            self.start_backfill(b.id)
+
+    async def run_backfill(self, backfill_id: int,
+                           on_progress: Callable[[int, int, str, dt.date, str], None] | None = None) -> str:
+        """Run a stored backfill in the foreground (the CLI); returns its final status."""
+        return await backfills.run(self.rt, backfill_id, on_progress)
+
+    async def cancel(self, backfill_id: int) -> dict[str, Any]:
+        if not await backfills.cancel(self.rt, backfill_id):
+            raise ControlError(f"no running backfill with id {backfill_id}")
+        return {"backfill_id": backfill_id, "status": "cancelled"}
+
+    # -- what is due -----------------------------------------------------------------------------------
+
+    async def catch_up(self, now: dt.datetime) -> dict[str, dict[str, dict[dt.date, str]]]:
+        """`ingestd run --once`: finish stored backfills, then everything due at `now` for each
+        enabled source (catch-up, the load window, a re-check that fell due), in the foreground."""
+        for b in await self.rt.state.backfills("running"):
+            await backfills.run(self.rt, b.id)
+        return {name: await run_due(self.rt, name, now)
+                for name, src in self.rt.config.sources.items() if src.enabled}
