@@ -138,8 +138,10 @@ def sink_rows(path: Path, source: str, day: dt.date, table: str = "events") -> i
 
 SLOW_PLUGIN = '''
 """Test plugin: the DuckDB connector, slowed down per batch (INGESTD_TEST_SLOW_S seconds),
-so a test can kill or disturb a load while it is running."""
+so a test can kill or disturb a load while it is running. With INGESTD_TEST_PROBE_MARK set,
+each probe first writes that file, then waits INGESTD_TEST_PROBE_S seconds."""
 import asyncio, os
+from pathlib import Path
 from ingestd import hookimpl
 from ingestd.plugins.duckdb.connector import DuckDBConnector
 
@@ -148,6 +150,12 @@ INGESTD_API = (2, 2)
 
 class SlowDuck(DuckDBConnector):
     type_name = "slowduck"
+
+    async def probe(self, query, source=None):
+        if os.environ.get("INGESTD_TEST_PROBE_MARK"):
+            Path(os.environ["INGESTD_TEST_PROBE_MARK"]).write_text(query.window.day.isoformat())
+            await asyncio.sleep(float(os.environ.get("INGESTD_TEST_PROBE_S", "0")))
+        return await super().probe(query, source)
 
     async def fetch(self, query, batch_rows, source=None):
         delay = float(os.environ.get("INGESTD_TEST_SLOW_S", "0.2"))

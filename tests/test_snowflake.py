@@ -833,3 +833,32 @@ def test_checksum_on_a_connection_without_fingerprints_is_a_config_error(tmp_pat
     cfg.write_text(text.replace("fingerprint = false", "fingerprint = true"))
     out = ingestd("check", config=cfg, env=cli_env(SF_TEST_PASSWORD="x"))
     assert "recheck.detect" not in out.stderr
+
+
+@pytest.mark.parametrize("slicing", ['slices = 2', 'slices = 2\nslice_column = "n"', 'slices = 3\nslice_column = "N"'])
+def test_a_sliced_source_loads_exactly_the_days_rows(tmp_path, server, db, sf, slicing):
+    """`slices` on a Snowflake source: each slice's query is built from the connection's own
+    capabilities (with `lowercase_columns`, names are bare so Snowflake folds them: `n` finds the
+    column N), and the K worker processes' rows together are the day's rows, once each."""
+    sf.cursor().execute("CREATE TABLE events_raw (ts TIMESTAMP_NTZ, user_id VARCHAR, event VARCHAR, value VARCHAR, "
+                        "props VARIANT)")
+    add_events(sf, D, 500)
+    add_events(sf, D + dt.timedelta(days=1), 50, first=5000)
+    add_events(sf, D - dt.timedelta(days=1), 40, first=3000)
+    sf.cursor().execute("ALTER TABLE events_raw ADD COLUMN n INTEGER")
+    sf.cursor().execute("UPDATE events_raw SET n = TRY_TO_NUMBER(value) - 250")  # negatives too
+    sf.cursor().execute("UPDATE events_raw SET n = NULL WHERE value = '7'")
+    text = E2E_CONFIG.format(user=server.user, db=db, port=server.port).replace(
+        "SELECT ts, user_id, event, value, props FROM", "SELECT ts, user_id, event, value, props, n FROM").replace(
+        'lag_days = 1\n', f'lag_days = 1\n{slicing}\n', 1)
+    assert slicing in text
+    cfg = tmp_path / "daemon.toml"
+    cfg.write_text(text)
+    out = ingestd("load", "orders", "--day", D.isoformat(), config=cfg, env=cli_env(SF_TEST_PASSWORD=server.password))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "succeeded: generation 1, 500 rows" in out.stdout
+    import duckdb
+    with duckdb.connect(str(tmp_path / "analytics.duckdb"), read_only=True) as con:
+        units = [r[0] for r in con.execute("SELECT unit_id FROM events WHERE source = 'orders' ORDER BY unit_id")
+                 .fetchall()]
+    assert sorted(units) == sorted(f"u{i}" for i in range(500)), "every row of the day once, none of its neighbours"
