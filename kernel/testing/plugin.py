@@ -44,7 +44,7 @@ What the plugin adds:
 
       @pytest.fixture
       def ingestd_sink():
-          return 'type = "mystore"\npath = "store"'      # any installed sink type and its keys
+          return 'type = "mystore"\\npath = "store"'     # any installed sink type and its keys
 
       def test_end_to_end(ingestd_daemon):
           ingestd_daemon.write_config('''
