@@ -17,13 +17,14 @@ from .core.query import DayQuery, DayWindow, day_query, quote_ident
 from .core.schema import EVENTS_SCHEMA, METRICS_SCHEMA, SCHEMAS
 
 from .plugin import API_VERSION, hookimpl  # a plugin declares INGESTD_API = (min, max), inclusive
+from .plugin.configured import configured_sink
 
 __all__ = [
     "API_VERSION", "hookimpl",
     "Connector", "Sink", "Registry", "Capabilities", "ProbeResult", "SourceInfo", "Target",
     "PartitionInfo", "Kind", "DayQuery", "DayWindow", "day_query", "quote_ident",
     "EVENTS_SCHEMA", "METRICS_SCHEMA", "SCHEMAS",
-    "Secret", "build_model",
+    "Secret", "build_model", "configured_sink",
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",
     "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged",

@@ -1,15 +1,19 @@
-"""Meta-tests, as datasette has them: the plugin guide documents every hook and every public name,
-every hook has a test of its own (a test named `test_hook_<hook name>...` under tests/), and
-plugins (plugins/, contrib/) import only the public `ingestd` package. Then those hook tests, and
-the operator controls: INGESTD_DISABLE_PLUGINS and `ingestd plugins [--json]`."""
+"""Meta-tests, as datasette has them: the plugin guide documents every hook (its hook reference is
+generated from the hookspec docstrings, and shows each hook's signature as the code has it) and
+every public name, every hook has a test of its own (a test named `test_hook_<hook name>...`
+under tests/), and plugins (plugins/, contrib/) import only the public `ingestd` package. Then
+those hook tests, and the operator controls: INGESTD_DISABLE_PLUGINS and `ingestd plugins [--json]`."""
 
 from __future__ import annotations
 
 import ast
 import datetime as dt
 import importlib.metadata
+import inspect
 import json
 import re
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -22,6 +26,9 @@ from tests.support import ROOT, cli_env, ingestd, plugin_dist, sink_rows, write_
 
 GUIDE = ROOT / "PLUGINS.md"
 D = dt.date(2026, 11, 20)
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import plugin_docs  # noqa: E402
 
 
 # -- the hooks, the guide, the tests -----------------------------------------------------------
@@ -69,7 +76,7 @@ def test_every_hook_has_a_section_in_the_guides_hook_reference():
     missing = [h for h in hook_names() if h not in reference]
     assert not missing, f"hooks without a '### <hook>' section under PLUGINS.md's '## Hook reference': {missing}"
     stale = [h for h in reference if h not in hook_names()]
-    assert not stale, f"PLUGINS.md documents hooks kernel/hookspecs.py does not have: {stale}"
+    assert not stale, f"PLUGINS.md documents hooks kernel/plugin/spec.py does not have: {stale}"
     for hook, body in reference.items():
         assert "**Since**: API" in body, f"the section of {hook} does not say since which API version it exists"
 
@@ -79,7 +86,143 @@ def test_every_hook_has_a_test_of_its_own():
     missing = [h for h in hook_names() if h not in tests]
     assert not missing, f"hooks with no test named test_hook_<hook>... under tests/: {missing}"
     unknown = {k: v for k, v in tests.items() if k.startswith("?")}
-    assert not unknown, f"tests named test_hook_... for no hook in kernel/hookspecs.py: {unknown}"
+    assert not unknown, f"tests named test_hook_... for no hook in kernel/plugin/spec.py: {unknown}"
+
+
+def test_the_hook_reference_is_generated_from_the_hookspec_docstrings():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plugin_docs.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_hookspec_docstring_documents_its_arguments_return_rules_and_version():
+    assert sorted(h.__name__ for h in plugin_docs.hooks()) == hook_names()
+    found = [p for hook in plugin_docs.hooks() for p in plugin_docs.problems(hook, plugin_docs.parse(hook))]
+    assert not found, "hookspec docstrings to fix (kernel/plugin/spec.py):\n" + "\n".join(found)
+
+
+WHOLE_DOC = """Do a thing.
+
+    :param registry: The registry.
+    :returns: Nothing.
+
+    Called
+    ======
+    Once.
+
+    Errors
+    ======
+    Logged.
+
+    Rules
+    =====
+    Be quick.
+
+    .. versionadded:: API 2
+    """
+
+
+@pytest.mark.parametrize("cut, problem", [
+    (None, None),
+    ("    :param registry: The registry.\n", "no `:param registry:`"),
+    ("    :returns: Nothing.\n", "no `:returns:`"),
+    ("    Rules\n    =====\n    Be quick.\n", "no `Rules` section"),
+    ("    .. versionadded:: API 2\n", "no `.. versionadded:: API N`"),
+])
+def test_the_generator_refuses_a_hookspec_docstring_that_misses_a_part(cut, problem):
+    def ingestd_sample(registry: ingestd_api.Registry) -> None: ...
+
+    ingestd_sample.__doc__ = WHOLE_DOC.replace(cut, "") if cut else WHOLE_DOC
+    found = plugin_docs.problems(ingestd_sample, plugin_docs.parse(ingestd_sample))
+    assert found == ([f"ingestd_sample: {problem}"] if problem else [])
+    doc = plugin_docs.parse(ingestd_sample)
+    if problem is None:
+        assert (doc.summary, doc.params, doc.returns, doc.since) == ("Do a thing.", {"registry": "The registry."},
+                                                                     "Nothing.", "API 2")
+        assert doc.sections == {"Called": "Once.", "Errors": "Logged.", "Rules": "Be quick."}
+
+
+def test_the_generator_refuses_a_param_the_hook_does_not_have():
+    def ingestd_sample(registry: ingestd_api.Registry) -> None: ...
+
+    ingestd_sample.__doc__ = WHOLE_DOC.replace(":returns:", ":param other: Gone.\n    :returns:")
+    assert plugin_docs.problems(ingestd_sample, plugin_docs.parse(ingestd_sample)) == [
+        "ingestd_sample: `:param other:` for an argument it does not have"]
+
+
+MISSING = object()
+
+
+def _resolve(node: ast.expr | None) -> object:
+    """An annotation as the guide writes it (`ingestd.Registry`, `None`), evaluated against the
+    public package."""
+    if node is None:
+        return MISSING
+    try:
+        return eval(compile(ast.Expression(node), "<PLUGINS.md>", "eval"), {"ingestd": ingestd_api})
+    except Exception as exc:
+        return f"<{ast.unparse(node)}: {exc}>"
+
+
+def signature_mismatches(hook: types.FunctionType, section: str) -> list[str]:
+    """How the ```python block of a hook's section differs from the hookspec: its name, the
+    arguments' names in order, each argument's annotation and the return annotation, compared
+    as the objects they name (`inspect.signature` of the code with its annotations evaluated)."""
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    if not block:
+        return ["no ```python block with the signature"]
+    tree = ast.parse(block.group(1).rstrip().rstrip(":") + ":\n    ...\n")
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    if len(defs) != 1:
+        return ["the block does not hold one `def`"]
+    shown, code = defs[0], inspect.signature(hook, eval_str=True)
+    out = []
+    if shown.name != hook.__name__:
+        out.append(f"shows def {shown.name}, the hook is {hook.__name__}")
+    if [ast.unparse(d) for d in shown.decorator_list] != ["hookimpl"]:
+        out.append("not shown with @hookimpl")
+    args = shown.args.posonlyargs + shown.args.args + shown.args.kwonlyargs
+    if [a.arg for a in args] != list(code.parameters):
+        out.append(f"arguments {[a.arg for a in args]}, the code has {list(code.parameters)}")
+    for arg in args:
+        if arg.arg in code.parameters:
+            want, got = code.parameters[arg.arg].annotation, _resolve(arg.annotation)
+            if got is not want:
+                out.append(f"`{arg.arg}` is annotated {ast.unparse(arg.annotation) if arg.annotation else 'nothing'}, "
+                           f"the code says {want!r}")
+    if _resolve(shown.returns) is not code.return_annotation:
+        out.append(f"returns {ast.unparse(shown.returns) if shown.returns else 'nothing'}, "
+                   f"the code says {code.return_annotation!r}")
+    return out
+
+
+def test_the_guide_shows_each_hooks_signature_as_the_code_has_it():
+    reference = hook_reference()
+    for hook in plugin_docs.hooks():
+        wrong = signature_mismatches(hook, reference[hook.__name__])
+        assert not wrong, f"PLUGINS.md's section of {hook.__name__}: " + "; ".join(wrong)
+
+
+@pytest.mark.parametrize("shown, wrong", [
+    ("@hookimpl\ndef ingestd_register(registry: ingestd.Registry) -> None", None),
+    ("@hookimpl\ndef ingestd_register(registry) -> None", "`registry` is annotated nothing"),
+    ("@hookimpl\ndef ingestd_register(reg: ingestd.Registry) -> None", "arguments ['reg']"),
+    ("@hookimpl\ndef ingestd_register(registry: ingestd.Registry, extra: int) -> None", "arguments"),
+    ("@hookimpl\ndef ingestd_register(registry: ingestd.Sink) -> None", "`registry` is annotated ingestd.Sink"),
+    ("@hookimpl\ndef ingestd_register(registry: ingestd.Nothing) -> None", "annotated ingestd.Nothing"),
+    ("@hookimpl\ndef ingestd_register(registry: ingestd.Registry) -> int", "returns int"),
+    ("@hookimpl\ndef ingestd_register(registry: ingestd.Registry)", "returns nothing"),
+    ("def ingestd_register(registry: ingestd.Registry) -> None", "not shown with @hookimpl"),
+    ("@hookimpl\ndef ingestd_event(registry: ingestd.Registry) -> None", "shows def ingestd_event"),
+])
+def test_the_signature_check_sees_a_wrong_name_annotation_or_return(shown, wrong):
+    from ingestd.plugin.spec import ingestd_register
+
+    found = signature_mismatches(ingestd_register, f"text\n\n```python\n{shown}\n```\n")
+    if wrong is None:
+        assert found == []
+    else:
+        assert any(wrong in f for f in found), found
 
 
 def test_every_public_name_is_in_the_guide():

@@ -152,18 +152,40 @@ KNOWN_TOP = {"daemon", "bus", "sinks", "connections", "sources"}
 
 def load_config(path: str | os.PathLike, registry: Registry, plugin_errors: dict[str, str] | None = None) -> Config:
     """Read and validate daemon.toml; raise ConfigErrors listing every problem found."""
-    file = Path(path).resolve()
-    try:
-        raw = tomllib.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
+    file, raw = _read(path)
     token = BASE_DIR.set(file.parent)
     try:
         return _load(file, raw, registry, plugin_errors or {})
     finally:
         BASE_DIR.reset(token)
+
+
+def load_sinks(path: str | os.PathLike, registry: Registry,
+               plugin_errors: dict[str, str] | None = None) -> dict[str, Plugged]:
+    """Only the `[sinks.NAME]` tables of daemon.toml, validated as `load_config` validates them.
+    For reading a sink back without the rest of the config (whose connections may need
+    secrets from an environment this process does not have)."""
+    file, raw = _read(path)
+    errors: list[ConfigError] = []
+    token = BASE_DIR.set(file.parent)
+    try:
+        sinks = _plugged(raw.get("sinks", {}), "sinks", registry.sinks, "sink", errors, plugin_errors or {},
+                         registry)
+    finally:
+        BASE_DIR.reset(token)
+    if errors:
+        raise ConfigErrors([ConfigError(e.path, e.message, file=str(file)) for e in errors])
+    return sinks
+
+
+def _read(path: str | os.PathLike) -> tuple[Path, dict]:
+    file = Path(path).resolve()
+    try:
+        return file, tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
 
 
 def _load(file: Path, raw: dict, registry: Registry, plugin_errors: dict[str, str]) -> Config:

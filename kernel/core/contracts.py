@@ -104,10 +104,12 @@ class PartitionInfo:
 
 
 class Sink(ABC):
-    """Stores rows of the canonical schemas (`kernel.EVENTS_SCHEMA`, `kernel.METRICS_SCHEMA`).
+    """Stores rows of the canonical schemas (`ingestd.EVENTS_SCHEMA`, `ingestd.METRICS_SCHEMA`).
 
     `replace` must be atomic per partition: readers see the previous generation or the new one,
     never a mix, and a failure (an exception from `batches` included) leaves the previous one.
+    `read_generation` and `scan` are those readers, and the only way the conformance kit reads
+    a sink back.
     """
 
     type_name: ClassVar[str]
@@ -127,6 +129,19 @@ class Sink(ABC):
     @abstractmethod
     async def read_generation(self, kind: Kind, source: str, day: dt.date) -> PartitionInfo | None:
         """The visible generation of a partition and its row count, or None if never written."""
+
+    @abstractmethod
+    def scan(self, kind: Kind, source: str, day: dt.date, *,
+             batch_rows: int = 10_000) -> AsyncIterator[pa.RecordBatch]:
+        """Stream the rows of the partition's visible generation; implement it as an `async def`
+        with `yield`. Required since API version 2.
+
+        Every batch has exactly the canonical schema `SCHEMAS[kind]` (its `generation` column is
+        the visible generation) and at most `batch_rows` rows; memory must not grow with the
+        partition. The rows are those of one generation, never a mix, even while a `replace` of
+        the partition runs (it sees the generation visible when the scan began). A partition
+        never written, and an empty generation, yield no rows. Row order is not specified.
+        The kernel does not call it: the conformance kit and tools read a sink back with it."""
 
     async def close(self) -> None:
         """Flush and release the store."""

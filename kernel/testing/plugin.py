@@ -35,8 +35,16 @@ What the plugin adds:
 
 - marker `ingestd_kit` on every test a suite contributes: `pytest -m ingestd_kit` runs only the
   kit, `-m "not ingestd_kit"` only the author's own tests;
-- fixture `ingestd_daemon`: the real `ingestd` CLI on a daemon.toml in `tmp_path` (a DuckDB sink,
-  no MQTT), for end-to-end tests of an installed plugin:
+- fixture `ingestd_daemon`: the real `ingestd` CLI on a daemon.toml in `tmp_path` (no MQTT), for
+  end-to-end tests of an installed plugin. It loads into a sink that the test supplies, the body
+  of the config's `[sinks.main]` table: override the fixture `ingestd_sink` (in the test module
+  or a conftest.py), or pass `write_config(..., sink=...)`; there is no default. The harness
+  reads rows back through the `Sink` contract only (`rows`, `generation`, `scan`), so any sink
+  will do: the store your deployment uses, or your own sink plugin under test:
+
+      @pytest.fixture
+      def ingestd_sink():
+          return 'type = "mystore"\\npath = "store"'     # any installed sink type and its keys
 
       def test_end_to_end(ingestd_daemon):
           ingestd_daemon.write_config('''
@@ -50,6 +58,7 @@ What the plugin adds:
           out = ingestd_daemon.run("run", "--once", "--now", "2026-11-21T07:00:00Z")
           assert out.returncode == 0, out.stderr
           assert ingestd_daemon.rows("orders", datetime.date(2026, 11, 20)) == 1000
+          assert ingestd_daemon.scan("orders", datetime.date(2026, 11, 20)).num_rows == 1000
           assert ingestd_daemon.plugin("mywarehouse")["error"] is None
 
 - a clear usage error when the kit's tests are collected without pytest-asyncio;
@@ -58,6 +67,8 @@ What the plugin adds:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -65,12 +76,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pyarrow as pa
 import pytest
 
-from ingestd import API_VERSION
+from ingestd import API_VERSION, SCHEMAS, Kind, PartitionInfo, Sink, configured_sink
 from ingestd.testing import ConnectorSuite, KitTable, SinkSuite
 
 __all__ = ["ConnectorSuite", "DaemonHarness", "KitTable", "SinkSuite"]
@@ -108,27 +122,38 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 # -- the end-to-end harness ------------------------------------------------------------------
 
-DEFAULT_SINK = 'type = "duckdb"\npath = "analytics.duckdb"'
+T = TypeVar("T")
+
+SINK_NAME = "main"
+NO_SINK = ("the ingestd_daemon harness needs the sink to load into: define a fixture `ingestd_sink` "
+           "returning the body of [sinks.main] (its `type` and keys), or call write_config(..., sink=...)")
 
 
 class DaemonHarness:
     """The real `ingestd` CLI on a config in `folder`. `write_config` adds `[daemon]` (state
-    store in the folder, quick retries), `[bus]` (off) and `[sinks.main]` (a DuckDB file,
-    `analytics.duckdb`) around the connection and source tables it is given."""
+    store in the folder, quick retries), `[bus]` (off) and `[sinks.main]` (the table the caller
+    gives, as `sink` here or to `write_config`) around the connection and source tables it is
+    given. `rows`, `generation` and `scan` read that sink back in this process, through the
+    `Sink` contract (`read_generation`, `scan`) of whichever plugin provides its type, so the
+    harness knows no sink's storage. Read while no daemon runs on the config: each read opens
+    the sink (`open()` may clean up after a crash) and closes it again."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, sink: str | None = None):
         self.folder = Path(folder)
         self.config = self.folder / "daemon.toml"
-        self.sink_path = self.folder / "analytics.duckdb"
+        self.sink = sink
 
-    def write_config(self, body: str, *, daemon: str = "", sink: str = DEFAULT_SINK) -> Path:
+    def write_config(self, body: str, *, daemon: str = "", sink: str | None = None) -> Path:
         """Write daemon.toml: `body` holds `[connections.*]` and `[sources.*]` tables; `daemon`
-        extra `[daemon]` keys; `sink` the body of `[sinks.main]`."""
+        extra `[daemon]` keys; `sink` the body of `[sinks.main]` (default: the harness's)."""
+        sink = self.sink if sink is None else sink
+        if sink is None:
+            raise ValueError(NO_SINK)
         head = "\n".join([
             "[daemon]", 'state_path = "state.db"', "retry_attempts = 2", "retry_base_seconds = 0.05",
             "retry_max_seconds = 0.2", textwrap.dedent(daemon).strip(), "",
             "[bus]", "enabled = false", "",
-            "[sinks.main]", textwrap.dedent(sink).strip(), "",
+            f"[sinks.{SINK_NAME}]", textwrap.dedent(sink).strip(), "",
         ])
         self.config.write_text(head + "\n" + textwrap.dedent(body).strip() + "\n")
         return self.config
@@ -170,26 +195,69 @@ class DaemonHarness:
                 return info
         raise AssertionError(f"no plugin named {name!r} or providing type {name!r} is installed")
 
-    def sink_query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
-        """Rows of a query on the DuckDB sink file (views `events` and `metrics`), read-only."""
-        import duckdb
-        with duckdb.connect(str(self.sink_path), read_only=True) as con:
-            return con.execute(sql, list(params)).fetchall()
+    # -- reading the sink back, through the Sink contract --------------------------------------
 
-    def rows(self, source: str, day: dt.date, kind: str = "events") -> int:
-        """Rows the sink holds (its visible generation) for one source and day."""
-        if kind not in ("events", "metrics"):
-            raise ValueError("kind is events or metrics")
-        return self.sink_query(f"SELECT count(*) FROM {kind} WHERE source = ? AND day = ?", [source, day])[0][0]
+    def read_generation(self, source: str, day: dt.date, kind: Kind = "events") -> PartitionInfo | None:
+        """What the sink holds for one source and day: its visible generation and row count."""
+        _check_kind(kind)
+        return self._with_sink(lambda sink: sink.read_generation(kind, source, day))
 
-    def generation(self, source: str, day: dt.date, kind: str = "events") -> int | None:
-        """The visible generation of one source and day in the DuckDB sink, or None."""
-        found = self.sink_query("SELECT generation FROM partitions WHERE kind = ? AND source = ? AND day = ?",
-                                [kind, source, day])
-        return found[0][0] if found else None
+    def rows(self, source: str, day: dt.date, kind: Kind = "events") -> int:
+        """Rows of the visible generation of one source and day (0 if never loaded)."""
+        info = self.read_generation(source, day, kind)
+        return info.rows if info is not None else 0
+
+    def generation(self, source: str, day: dt.date, kind: Kind = "events") -> int | None:
+        """The visible generation of one source and day, or None if never loaded."""
+        info = self.read_generation(source, day, kind)
+        return info.generation if info is not None else None
+
+    def scan(self, source: str, day: dt.date, kind: Kind = "events") -> pa.Table:
+        """Every row of the visible generation of one source and day, in the canonical schema
+        (`ingestd.SCHEMAS[kind]`), in no particular order: sort or filter it in the test."""
+        _check_kind(kind)
+
+        async def collect(sink: Sink) -> pa.Table:
+            async with contextlib.aclosing(sink.scan(kind, source, day)) as stream:
+                return pa.Table.from_batches([batch async for batch in stream], SCHEMAS[kind])
+
+        return self._with_sink(collect)
+
+    def _with_sink(self, read: Callable[[Sink], Awaitable[T]]) -> T:
+        """Build the configured sink from the plugin registry, open it, `read`, close it; on an
+        event loop of its own (a worker thread's, when the caller is inside a running loop)."""
+
+        async def session() -> T:
+            sink = configured_sink(self.config, SINK_NAME)
+            await sink.open()
+            try:
+                return await read(sink)
+            finally:
+                await sink.close()
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(session())
+        with ThreadPoolExecutor(1, thread_name_prefix="ingestd-harness") as pool:
+            return pool.submit(asyncio.run, session()).result()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SCHEMAS:
+        raise ValueError(f"kind is one of {', '.join(SCHEMAS)}, not {kind!r}")
 
 
 @pytest.fixture
-def ingestd_daemon(tmp_path: Path) -> DaemonHarness:
-    """The real `ingestd` CLI on a daemon.toml in `tmp_path` (see `DaemonHarness`)."""
-    return DaemonHarness(tmp_path)
+def ingestd_sink() -> str | None:
+    """The body of the harness's `[sinks.main]` table (`type = "..."` and the sink's keys).
+    Override it in a test module or conftest.py; by default there is none, and `write_config`
+    asks for one."""
+    return None
+
+
+@pytest.fixture
+def ingestd_daemon(tmp_path: Path, ingestd_sink: str | None) -> DaemonHarness:
+    """The real `ingestd` CLI on a daemon.toml in `tmp_path`, loading into the `ingestd_sink`
+    table (see `DaemonHarness`)."""
+    return DaemonHarness(tmp_path, sink=ingestd_sink)

@@ -30,11 +30,16 @@ sends `batch_rows`-row batches and fails after `fail_after_batches` of them). Th
 `reopen_sink` (optional) is a callable, sync or async, returning a new opened sink on the same
 storage; without it the reopen test is skipped. Every test uses source names of its own, so a
 fixture may share one store between tests.
+
+The suite knows the sink only through the `Sink` contract: it writes with `replace` and reads
+back with `read_generation` and `scan`, never through the sink's storage, so it runs unchanged
+against any store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import inspect
 import json
@@ -120,6 +125,19 @@ async def feed(batches: Sequence[pa.RecordBatch], *, fail_after: int | None = No
         raise KitFailure(f"kit: the source failed after {len(batches)} batches")
 
 
+def rows_of(batches: Sequence[pa.RecordBatch] | pa.Table) -> list[dict]:
+    """The rows of `batches` as dicts, in `unit_id` order (the kit's unit ids are unique per write)."""
+    table = batches if isinstance(batches, pa.Table) else pa.Table.from_batches(list(batches))
+    return table.sort_by("unit_id").to_pylist() if table.num_rows else []
+
+
+def assert_same_rows(got: list[dict], want: list[dict], what: str) -> None:
+    """`got == want`, reported as the row count or the first row that differs (not a 1000-row diff)."""
+    assert len(got) == len(want), f"{what}: {len(got)} rows, expected {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"{what}: row {i} (by unit_id) is\n  {g}\nexpected\n  {w}"
+
+
 def _source(tag: str = "") -> str:
     return f"kit_{tag}{uuid.uuid4().hex[:8]}"
 
@@ -137,7 +155,10 @@ class SinkSuite:
     writes exactly its rows; a read during a replace sees the previous generation (and is not
     held up by it); other days, sources and kinds are untouched, also by concurrent replaces;
     zero batches make an empty generation; an unknown partition reads as None; a reopened sink
-    sees what the closed one wrote.
+    sees what the closed one wrote. `scan` returns exactly the rows of the visible generation, in
+    the canonical schema and in batches of at most `batch_rows` rows: the rows written, nothing
+    for an empty generation or an unknown partition, the previous generation's rows after a
+    failed replace and during a replace; an abandoned scan leaves the sink usable.
 
     `kit_batch`, `kit_batches`, `feed`, `Gate` and `KitFailure` in this module help a plugin's
     own tests make canonical rows and misbehaving streams."""
@@ -145,17 +166,37 @@ class SinkSuite:
     rows = 1000
     batch_rows = 250
     fail_after_batches = 3
+    scan_batch_rows = 300
+    """The `batch_rows` the kit passes to `scan` (not a divisor of `rows`, on purpose)."""
 
     @pytest.fixture
     def reopen_sink(self):
         """Override with a callable returning a new opened sink on the same storage."""
         return None
 
+    def batches(self, kind: Kind, source: str, generation: int, rows: int | None = None, *,
+                day: dt.date = DAY, start: int = 0) -> list[pa.RecordBatch]:
+        rows = self.rows if rows is None else rows
+        return kit_batches(kind, source, day, generation, rows, batch_rows=self.batch_rows, start=start)
+
     async def write(self, sink: Sink, kind: Kind, source: str, generation: int, rows: int | None = None, *,
                     day: dt.date = DAY, start: int = 0, **feed_args) -> int:
-        rows = self.rows if rows is None else rows
-        batches = kit_batches(kind, source, day, generation, rows, batch_rows=self.batch_rows, start=start)
+        batches = self.batches(kind, source, generation, rows, day=day, start=start)
         return await sink.replace(Target(kind, source, day, generation), feed(batches, **feed_args))
+
+    async def scanned(self, sink: Sink, kind: Kind, source: str, day: dt.date = DAY) -> list[dict]:
+        """Every row `scan` yields, checked batch by batch (a RecordBatch, exactly the canonical
+        schema, at most `scan_batch_rows` rows), as `rows_of` gives them."""
+        schema = SCHEMAS[kind]
+        got: list[pa.RecordBatch] = []
+        async with contextlib.aclosing(sink.scan(kind, source, day, batch_rows=self.scan_batch_rows)) as stream:
+            async for batch in stream:
+                assert isinstance(batch, pa.RecordBatch), f"scan yielded {type(batch).__name__}, not a RecordBatch"
+                assert batch.schema.equals(schema), f"scan's batch schema is\n{batch.schema}\nexpected\n{schema}"
+                assert batch.num_rows <= self.scan_batch_rows, \
+                    f"scan yielded {batch.num_rows} rows in one batch, more than batch_rows={self.scan_batch_rows}"
+                got.append(batch)
+        return rows_of(pa.Table.from_batches(got, schema))
 
     async def fail(self, sink: Sink, kind: Kind, source: str, generation: int, *, day: dt.date = DAY) -> None:
         """A replace whose batches raise after `fail_after_batches` batches (more than one batch)."""
@@ -218,6 +259,9 @@ class SinkSuite:
             await asyncio.wait_for(gate.reached.wait(), WAIT_S)
             seen = await asyncio.wait_for(sink.read_generation(kind, source, DAY), WAIT_S)
             assert seen == PartitionInfo(1, self.rows), "a read during a replace must see the previous generation"
+            scanned = await asyncio.wait_for(self.scanned(sink, kind, source), WAIT_S)
+            assert {row["generation"] for row in scanned} == {1}, "a scan during a replace must see the previous generation"
+            assert len(scanned) == self.rows
         finally:
             gate.go.set()
             written = await asyncio.wait_for(task, WAIT_S)
@@ -295,7 +339,57 @@ class SinkSuite:
             again = await again
         try:
             assert await again.read_generation(kind, source, DAY) == PartitionInfo(2, self.rows + 9)
+            assert len(await self.scanned(again, kind, source)) == self.rows + 9
             assert await self.write(again, kind, source, 3, 21, start=30_000) == 21
             assert await again.read_generation(kind, source, DAY) == PartitionInfo(3, 21)
         finally:
             await again.close()
+
+    # -- scan: reading the rows back --------------------------------------------------------
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("kind", KINDS)
+    async def test_scan_returns_the_rows_written(self, sink, kind):
+        source = _source()
+        first = self.batches(kind, source, 1)
+        first.insert(1, kit_batch(kind, source, DAY, 1, 0))
+        await sink.replace(Target(kind, source, DAY, 1), feed(first))
+        assert_same_rows(await self.scanned(sink, kind, source), rows_of(first), "scan of generation 1")
+        second = self.batches(kind, source, 2, self.rows + 7, start=10_000)
+        await sink.replace(Target(kind, source, DAY, 2), feed(second))
+        assert_same_rows(await self.scanned(sink, kind, source), rows_of(second), "scan of generation 2")
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("kind", KINDS)
+    async def test_an_empty_generation_scans_to_nothing(self, sink, kind):
+        source = _source()
+        assert await self.scanned(sink, kind, source) == [], "a partition never written must scan to nothing"
+        await self.write(sink, kind, source, 1)
+        assert await sink.replace(Target(kind, source, DAY, 2), feed([])) == 0
+        assert await self.scanned(sink, kind, source) == [], "an empty generation must scan to nothing"
+        assert await self.scanned(sink, kind, source, DAY + dt.timedelta(days=1)) == []
+        assert await self.scanned(sink, _other(kind), source) == []
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("kind", KINDS)
+    async def test_a_failed_replace_leaves_the_previous_generations_rows(self, sink, kind):
+        source, other = _source("a"), _source("b")
+        first = self.batches(kind, source, 1)
+        await sink.replace(Target(kind, source, DAY, 1), feed(first))
+        await self.fail(sink, kind, source, 2)
+        assert_same_rows(await self.scanned(sink, kind, source), rows_of(first), "scan after a failed replace")
+        await self.fail(sink, kind, other, 1)
+        assert await self.scanned(sink, kind, other) == [], "a failed first load must scan to nothing"
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("kind", KINDS)
+    async def test_an_abandoned_scan_leaves_the_sink_usable(self, sink, kind):
+        source = _source()
+        await self.write(sink, kind, source, 1)
+        stream = sink.scan(kind, source, DAY, batch_rows=self.scan_batch_rows)
+        first = await asyncio.wait_for(anext(stream), WAIT_S)
+        assert 0 < first.num_rows <= self.scan_batch_rows
+        await asyncio.wait_for(stream.aclose(), WAIT_S)
+        assert await self.write(sink, kind, source, 2, 13, start=10_000) == 13
+        assert await sink.read_generation(kind, source, DAY) == PartitionInfo(2, 13)
+        assert len(await self.scanned(sink, kind, source)) == 13

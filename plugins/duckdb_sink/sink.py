@@ -178,6 +178,25 @@ class DuckDBSink(Sink):
         async with self._session():
             return await self._call(f"read generation of {kind} {source} {day}", self._read, kind, source, day, table)
 
+    async def scan(self, kind: Kind, source: str, day: dt.date, *,
+                   batch_rows: int = 10_000) -> AsyncIterator[pa.RecordBatch]:
+        """The visible generation's rows, streamed from one query on a cursor of its own: one
+        statement is one snapshot, so a replace that switches generations meanwhile (on the
+        sink's main connection) does not mix into it."""
+        table, schema = _table_of(kind)
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+        what = f"scan {kind} {source} {day}"
+        async with self._session():
+            scan = await self._call(what, self._open_scan, kind, source, day, table, batch_rows)
+            try:
+                while (batch := await self._call(what, scan.next)) is not None:
+                    for offset in range(0, batch.num_rows, batch_rows):
+                        yield batch.slice(offset, batch_rows).cast(schema)
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._call(what, scan.close)
+
     async def close(self) -> None:
         executor, self._executor = self._executor, None
         if executor is None:
@@ -304,6 +323,39 @@ class DuckDBSink(Sink):
             FROM partitions AS p WHERE p.kind = $kind AND p.source = $source AND p.day = $day""",
                       {"kind": kind, "source": source, "day": day})
         return PartitionInfo(int(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def _open_scan(self, kind: str, source: str, day: dt.date, table: str, batch_rows: int) -> _Scan:
+        cursor = self._connection().cursor()
+        try:
+            _query(cursor, "SET TimeZone = 'UTC'")
+            relation = cursor.sql(f"""
+                SELECT d.* FROM {table} AS d JOIN partitions AS p
+                  ON p.kind = $kind AND p.source = d.source AND p.day = d.day AND p.generation = d.generation
+                WHERE d.source = $source AND d.day = $day""", params={"kind": kind, "source": source, "day": day})
+            return _Scan(cursor, relation.to_arrow_reader(batch_rows))
+        except BaseException:
+            cursor.close()
+            raise
+
+
+@dataclass
+class _Scan:
+    """A streaming result on a cursor of its own; its methods run on the sink's worker thread."""
+
+    cursor: duckdb.DuckDBPyConnection
+    reader: pa.RecordBatchReader
+
+    def next(self) -> pa.RecordBatch | None:
+        try:
+            return self.reader.read_next_batch()
+        except StopIteration:
+            return None
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        finally:
+            self.cursor.close()
 
 
 def _table_of(kind: str) -> tuple[str, pa.Schema]:

@@ -118,6 +118,23 @@ class SQLiteSink(Sink):
         _schema_of(kind)
         return await self._call(f"read generation of {kind} {source} {day}", self._read, kind, source, day)
 
+    async def scan(self, kind: Kind, source: str, day: dt.date, *,
+                   batch_rows: int = 10_000) -> AsyncIterator[pa.RecordBatch]:
+        """The visible generation's rows, read in one transaction on a connection of its own:
+        WAL gives it the snapshot of its first read, whatever replaces commit meanwhile (a
+        statement on the shared reader connection would pin that connection's snapshot too)."""
+        schema = _schema_of(kind)
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+        what = f"scan {kind} {source} {day}"
+        scan = await self._call(what, self._open_scan, kind, source, day)
+        try:
+            while rows := await self._call(what, scan.fetchmany, batch_rows):
+                yield _batch(rows, schema)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._call(what, _close_scan, scan)
+
     async def close(self) -> None:
         executor, self._executor = self._executor, None
         if executor is None:
@@ -210,6 +227,41 @@ class SQLiteSink(Sink):
                 FROM partitions AS p WHERE p.kind = ? AND p.source = ? AND p.day = ?""",
             (kind, source, day.isoformat())).fetchone()
         return PartitionInfo(int(row[0]), int(row[1])) if row else None
+
+    def _open_scan(self, kind: str, source: str, day: dt.date) -> sqlite3.Cursor:
+        con = self._connect()
+        try:
+            con.execute("BEGIN")
+            names = ", ".join(f'"{n}"' for n in _SCHEMAS[kind].names)
+            # the visible generation is read inside the same transaction as its rows
+            return con.execute(
+                f"""SELECT {names} FROM {kind} WHERE source = ? AND day = ? AND generation =
+                    (SELECT generation FROM partitions WHERE kind = ? AND source = ? AND day = ?)""",
+                (source, day.isoformat(), kind, source, day.isoformat()))
+        except BaseException:
+            con.close()
+            raise
+
+
+def _close_scan(cursor: sqlite3.Cursor) -> None:
+    con = cursor.connection
+    try:
+        cursor.close()
+        con.rollback()
+    finally:
+        con.close()
+
+
+def _batch(rows: list[tuple], schema: pa.Schema) -> pa.RecordBatch:
+    """Rows as SQLite stores them (ISO text for days and timestamps) in the canonical schema."""
+    columns = list(zip(*rows))
+    arrays = []
+    for field, values in zip(schema, columns):
+        if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
+            arrays.append(pa.array(values, pa.string()).cast(field.type))
+        else:
+            arrays.append(pa.array(values, field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _schema_of(kind: str) -> pa.Schema:
