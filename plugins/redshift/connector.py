@@ -67,7 +67,7 @@ or the sink's driver, without the interpreter lock). Memory therefore holds a fe
 whatever the size of the day. Decoding is the limit of one stream, so the fetch session decodes
 faster than the driver's defaults: timestamps and text stay wire values that Arrow converts a
 column at a time, and rows are cut by a DataRow handler that sets itself up once per result
-(see `use_raw_values` and `use_fast_data_rows`; `BENCHMARKS.md` has the figures). For more than
+(fast_rows.py says how, and which driver internals it relies on; `BENCHMARKS.md` has the figures). For more than
 one core's worth of decoding, set the source's `slices`. Closing the stream early (or cancelling
 the load) stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
 CancelRequest) and closes the session, which closes the cursor. TCP keepalives are on, and a
@@ -129,11 +129,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import structlog
 
 from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
                     Secret, SourceInfo, TransientError, quote_ident)
+
+from .fast_rows import raw_array, use_fast_data_rows, use_raw_values
 
 
 log = structlog.get_logger("ingestd.redshift")
@@ -397,7 +398,7 @@ class _Column:
     oid: int
     type: pa.DataType
     raw: bool = False
-    """The driver hands this column's values over as they are on the wire (see `_RAW_DECODERS`)."""
+    """The driver hands this column's values over as they are on the wire (see fast_rows.py)."""
 
 
 def _columns(cursor, raw_oids: frozenset[int] = frozenset()) -> list[_Column]:
@@ -409,112 +410,6 @@ def _columns(cursor, raw_oids: frozenset[int] = frozenset()) -> list[_Column]:
         modifier = row_desc[i].get("type_modifier", -1) if i < len(row_desc) else -1
         out.append(_Column(str(col[0]), oid, arrow_type(oid, modifier), oid in raw_oids))
     return out
-
-
-# Three changes to how a fetch session's driver decodes rows, each made only where the connection
-# still has the driver's own piece in place (so another driver version, or a server speaking the
-# text format, keeps the driver's path unchanged):
-#
-# - TIMESTAMP/TIMESTAMPTZ: the driver turns every binary value into a Python datetime (a Timedelta
-#   and an addition per value, a sixth of its decoding time) which `rows_to_batch` then turns into
-#   an integer again. The session keeps the wire's int64 (microseconds since 2000-01-01) instead,
-#   and `_raw_timestamps` converts whole columns in Arrow.
-# - text types: the driver decodes each value to a Python str; the session keeps the wire's UTF-8
-#   bytes, and Arrow checks and takes a whole column of them at once.
-# - DataRow messages: the driver's handler rebuilds the list of column decoders for every row
-#   (`Cursor.truncated_row_desc`) and logs a debug line per row. The session's handler builds the
-#   list once per result and decodes each value with the same decoder the driver would use.
-_Q_UNPACK = struct.Struct("!q").unpack_from
-_I_UNPACK = struct.Struct("!i").unpack_from
-PG_EPOCH_US = 946_684_800_000_000
-"""2000-01-01 in microseconds since 1970-01-01."""
-_DATETIME_MIN_US = -62_135_596_800_000_000 - PG_EPOCH_US
-_DATETIME_MAX_US = 253_402_300_799_999_999 - PG_EPOCH_US
-"""datetime.min/max, where the driver clamps ±infinity and out-of-range values; so do we."""
-
-
-def _int64_recv(data: bytes, offset: int, length: int) -> int:
-    return _Q_UNPACK(data, offset)[0]
-
-
-def _bytes_recv(data: bytes, offset: int, length: int) -> bytes:
-    return data[offset:offset + length]
-
-
-_FC_BINARY = 1
-_RAW_DECODERS: dict[int, tuple[str, int | None, Callable[[bytes, int, int], Any]]] = {
-    # oid: (the driver's decoder it replaces, the format code it must have (None: any), ours)
-    1114: ("timestamp_recv_integer", _FC_BINARY, _int64_recv),
-    1184: ("timestamptz_recv_integer", _FC_BINARY, _int64_recv),
-    **{oid: ("text_recv", None, _bytes_recv) for oid in (18, 19, 25, 705, 1042, 1043, 4000)},
-}
-
-
-def use_raw_values(con) -> frozenset[int]:
-    """Make `con` hand TIMESTAMP/TIMESTAMPTZ values over as wire integers and text as UTF-8
-    bytes; the OIDs it did this for (`rows_to_batch` converts those columns)."""
-    types = getattr(con, "redshift_types", None)
-    if not isinstance(types, dict):
-        return frozenset()
-    done = set()
-    for oid, (driver_fn, fmt_needed, ours) in _RAW_DECODERS.items():
-        fmt, fn = types.get(oid, (None, None))
-        if getattr(fn, "__name__", None) == driver_fn and fmt_needed in (None, fmt):
-            types[oid] = (fmt, ours)
-            done.add(oid)
-    return frozenset(done)
-
-
-def _row_decoders(cursor) -> list[Callable[[bytes, int, int], Any]]:
-    decoders = []
-    for desc in cursor.truncated_row_desc():
-        if len(desc) == 2:  # a binary NUMERIC's decoder takes the column's scale
-            decoders.append(lambda data, offset, length, _f=desc[0], _scale=desc[1]: _f(data, offset, length, _scale))
-        else:
-            decoders.append(desc[0])
-    return decoders
-
-
-def use_fast_data_rows(con) -> bool:
-    """Give `con` a DataRow handler that does what the driver's does, minus its per-row set-up."""
-    handlers = getattr(con, "message_types", None)
-    original = handlers.get(b"D") if isinstance(handlers, dict) else None
-    if getattr(original, "__name__", None) != "handle_DATA_ROW":
-        return False
-    cached: list = [None, None]  # the result's prepared statement, its decoders
-
-    def handle_data_row(data: bytes, cursor) -> None:
-        ps = cursor.ps
-        if ps is not cached[0]:
-            cached[0], cached[1] = ps, _row_decoders(cursor)
-        row = []
-        append = row.append
-        offset = 2
-        for decode in cached[1]:
-            length = _I_UNPACK(data, offset)[0]
-            offset += 4
-            if length == -1:
-                append(None)
-            else:
-                append(decode(data, offset, length))
-                offset += length
-        cursor._cached_rows.append(row)
-
-    handlers[b"D"] = handle_data_row
-    return True
-
-
-def _raw_array(values, typ: pa.DataType) -> pa.Array:
-    if pa.types.is_timestamp(typ):
-        return _raw_timestamps(values, typ)
-    return pa.array(values, pa.binary()).cast(typ)  # UTF-8 bytes: Arrow validates the column
-
-
-def _raw_timestamps(values, typ: pa.DataType) -> pa.Array:
-    micros = pa.array(values, pa.int64())
-    micros = pc.min_element_wise(micros, _DATETIME_MAX_US, skip_nulls=False)
-    micros = pc.max_element_wise(micros, _DATETIME_MIN_US, skip_nulls=False)
-    return pc.add(micros, PG_EPOCH_US).cast(typ)
 
 
 def _values(column: _Column, values: tuple) -> list | tuple:
@@ -535,7 +430,7 @@ def rows_to_batch(columns: list[_Column], rows: list | tuple) -> pa.RecordBatch:
     arrays = []
     for column, values in zip(columns, zip(*rows)):
         try:
-            arrays.append(_raw_array(values, column.type) if column.raw
+            arrays.append(raw_array(values, column.type) if column.raw
                           else pa.array(_values(column, values), type=column.type))
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             raise PermanentError(f"column {column.name!r} (type oid {column.oid}) could not be converted to "
