@@ -60,17 +60,18 @@ timeout and application name set) and closes it when done, so nothing is held be
 `probe` runs `SELECT COUNT(*) FROM (<day query>) q`. `fetch` streams: in a transaction it runs
 `DECLARE ingestd_<id> CURSOR FOR <day query>` and then `FETCH FORWARD fetch_size` until the
 cursor is drained. A plain `execute` + `fetchmany` would not do: redshift-connector reads the
-whole result into memory first. The fetching runs in a thread of its own, which decodes each
-FETCH's rows, turns them into an Arrow record batch and hands it on through a bounded queue
-(about one `batch_rows` ahead), while the kernel maps and writes the batches before (in DuckDB
-or the sink's driver, without the interpreter lock). Memory therefore holds a few batches,
-whatever the size of the day. Decoding is the limit of one stream, so the fetch session decodes
-faster than the driver's defaults: timestamps and text stay wire values that Arrow converts a
-column at a time, and rows are cut by a DataRow handler that sets itself up once per result
-(fast_rows.py says how, and which driver internals it relies on; `BENCHMARKS.md` has the figures). For more than
-one core's worth of decoding, set the source's `slices`. Closing the stream early (or cancelling
-the load) stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
-CancelRequest) and closes the session, which closes the cursor. TCP keepalives are on, and a
+whole result into memory first. The fetching runs in a thread of its own (an
+`ingestd.ThreadStream`), which decodes each FETCH's rows, turns them into an Arrow record batch,
+cuts them into batches of `batch_rows` and hands those on one batch ahead, while the kernel maps
+and writes the batches before (in DuckDB or the sink's driver, without the interpreter lock).
+Memory therefore holds a few batches, whatever the size of the day. Decoding is the limit of one
+stream, so the fetch session decodes faster than the driver's defaults: timestamps and text stay
+wire values that Arrow converts a column at a time, and rows are cut by a DataRow handler that
+sets itself up once per result (fast_rows.py says how, and which driver internals it relies on;
+`BENCHMARKS.md` has the figures). For more than one core's worth of decoding, set the source's
+`slices`. Closing the stream early (or cancelling the load) stops the fetch thread, cancels a
+statement still running on the server (a PostgreSQL CancelRequest) and closes the session, which
+closes the cursor. TCP keepalives are on, and a
 session that hears nothing from the server for a minute past statement_timeout_ms is taken as
 lost (a transient error), so a dead network never hangs a load.
 
@@ -116,8 +117,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
-import queue
 import re
 import socket
 import struct
@@ -131,8 +130,8 @@ from typing import Any, Literal, TypeVar
 import pyarrow as pa
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    Secret, SourceInfo, TransientError, quote_ident)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
+                    ProbeResult, Rechunker, Secret, SourceInfo, ThreadStream, TransientError, quote_ident)
 
 from .fast_rows import raw_array, use_fast_data_rows, use_raw_values
 
@@ -524,128 +523,6 @@ def _cancel_request(con) -> bool:
         return False
 
 
-# -- the fetch pipeline -------------------------------------------------------------------------
-
-_END = object()
-
-
-class _Fetcher:
-    """Reads a day through a server-side cursor in a thread of its own.
-
-    The thread turns each FETCH's rows into an Arrow record batch and puts it in a queue holding
-    about one batch_rows' worth; `next_batch` (run in a worker thread by the async side) re-cuts
-    them into batches of at most batch_rows rows. The conversion runs in the fetch thread, not
-    beside it: decoding and converting both hold the interpreter lock, so a second thread could not
-    run them at once, and each of the fetch thread's socket reads would hand it the lock for a
-    whole switch interval."""
-
-    def __init__(self, connector: "RedshiftConnector", query: DayQuery, batch_rows: int):
-        self.connector = connector
-        self.query = query
-        self.batch_rows = batch_rows
-        self.fetch_size = connector.config.fetch_size
-        self.queue: queue.Queue = queue.Queue(maxsize=max(2, math.ceil(batch_rows / self.fetch_size)))
-        self.stop = threading.Event()
-        self.session = _Session(connector)
-        self.thread = threading.Thread(target=self._run, name=f"redshift-fetch-{connector.name}", daemon=True)
-        self.cursor_name = f"ingestd_{uuid.uuid4().hex[:16]}"
-        self.columns: list[_Column] | None = None
-        self.fetched = 0
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
-        self._done = False
-
-    # fetch thread ---------------------------------------------------------------------------
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            con = self.session.open()
-            raw_oids = use_raw_values(con)
-            use_fast_data_rows(con)
-            cursor = self.session.cursor()
-            cursor.execute(f"DECLARE {self.cursor_name} CURSOR FOR\n{self.query.sql}\n", self.query.params)
-            statement = f"FETCH FORWARD {int(self.fetch_size)} FROM {self.cursor_name}"
-            while not self.stop.is_set():
-                cursor.execute(statement)
-                rows = cursor.fetchall()
-                if self.columns is None:
-                    self.columns = _columns(cursor, raw_oids)
-                got = len(rows)
-                if rows:
-                    self.fetched += got
-                    batch = rows_to_batch(self.columns, rows)
-                    del rows
-                    if not self._put(batch):
-                        return
-                if got < self.fetch_size:
-                    break
-            if not self.stop.is_set():
-                cursor.execute(f"CLOSE {self.cursor_name}")
-                con.rollback()  # read only: nothing to commit
-                self._put(_END)
-        except BaseException as exc:  # handed to the reading side, which raises it
-            if not self.stop.is_set():
-                self._put(translate(exc, self.connector.where))
-        finally:
-            self.session.close()
-
-    # reading side (worker threads of the event loop) ---------------------------------------------
-
-    def _take(self):
-        while True:
-            try:
-                return self.queue.get(timeout=0.1)
-            except queue.Empty:
-                if self.stop.is_set():
-                    return _END
-                if not self.thread.is_alive() and self.queue.empty():
-                    return TransientError("the fetch thread ended without a result", code="08006")
-
-    def next_batch(self) -> pa.RecordBatch | None:
-        while self._pending_rows < self.batch_rows and not self._done:
-            item = self._take()
-            if item is _END:
-                self._done = True
-                break
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._pending.append(item)
-            self._pending_rows += item.num_rows
-        if not self._pending_rows:
-            return None
-        take = min(self.batch_rows, self._pending_rows)
-        if len(self._pending) == 1 and self._pending[0].num_rows == take:
-            batch = self._pending.pop()
-        else:
-            table = pa.Table.from_batches(self._pending)
-            batch = table.slice(0, take).combine_chunks().to_batches(max_chunksize=take)[0]
-            rest = table.slice(take)
-            self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
-        self._pending_rows -= take
-        return batch
-
-    def shutdown(self) -> None:
-        """Stop the thread, cancel a running statement, close the session; wait for it."""
-        self.stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.queue.get_nowait()
-        self.thread.join(0.2)
-        if self.thread.is_alive():
-            self.session.interrupt()
-            self.thread.join(10)
-
-
 # -- the connector ----------------------------------------------------------------------------------
 
 PERMISSION = re.compile(r'permission denied for (relation|table|view|schema|sequence|function|database) "?([^"\s]+)"?',
@@ -760,20 +637,61 @@ class RedshiftConnector(Connector):
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
         _driver()
-        fetcher = _Fetcher(self, query, batch_rows)
+        session = _Session(self)
+        stream = ThreadStream(lambda out: self._produce(session, query, batch_rows, out), depth=1,
+                              interrupt=session.interrupt, name=f"redshift-fetch-{self.name}")
         started = time.monotonic()
-        fetcher.thread.start()
         yielded = 0
-        try:
-            while True:
-                batch = await asyncio.to_thread(fetcher.next_batch)
-                if batch is None:
-                    break
+        async with stream:
+            async for batch in stream:
                 yielded += batch.num_rows
                 yield batch
-            log.debug("fetch.done", connection=self.name, rows=yielded, seconds=round(time.monotonic() - started, 3))
+        log.debug("fetch.done", connection=self.name, rows=yielded, seconds=round(time.monotonic() - started, 3))
+
+    def _produce(self, session: _Session, query: DayQuery, batch_rows: int, out: Outlet) -> None:
+        """The fetch thread: DECLARE the day's cursor, FETCH until it is drained, and put the rows
+        as record batches of batch_rows. Decoding, the conversion to Arrow and the re-chunking all
+        run here, not beside it: decoding and converting both hold the interpreter lock, so a
+        second thread could not run them at once, and each of this thread's socket reads would
+        hand it the lock for a whole switch interval."""
+        fetch_size = self.config.fetch_size
+        cursor_name = f"ingestd_{uuid.uuid4().hex[:16]}"
+        rechunker = Rechunker(batch_rows)
+        try:
+            con = session.open()
+            raw_oids = use_raw_values(con)
+            use_fast_data_rows(con)
+            cursor = session.cursor()
+            cursor.execute(f"DECLARE {cursor_name} CURSOR FOR\n{query.sql}\n", query.params)
+            statement = f"FETCH FORWARD {int(fetch_size)} FROM {cursor_name}"
+            columns: list[_Column] | None = None
+            while not out.stopped.is_set():
+                cursor.execute(statement)
+                rows = cursor.fetchall()
+                if columns is None:
+                    columns = _columns(cursor, raw_oids)
+                got = len(rows)
+                if rows:
+                    batch = rows_to_batch(columns, rows)
+                    del rows
+                    if not out.put_all(rechunker.push(batch)):
+                        return
+                if got < fetch_size:
+                    break
+            if out.stopped.is_set():
+                return
+            cursor.execute(f"CLOSE {cursor_name}")
+            con.rollback()  # read only: nothing to commit
+            out.put_all(rechunker.flush())
+        except Exception as exc:
+            if out.stopped.is_set():
+                return  # interrupted on purpose: nobody reads the error
+            error = translate(exc, self.where)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
-            await asyncio.to_thread(fetcher.shutdown)
+            session.close()
 
     async def close(self) -> None:
         """Nothing to release: every call closes its own session."""
