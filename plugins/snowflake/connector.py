@@ -84,7 +84,7 @@ Streaming. A query runs asynchronously in Snowflake (`execute_async`) and a work
 it, so cancelling a load aborts the query in Snowflake instead of leaving it to run. Rows arrive
 through `fetch_arrow_batches()` in the chunks Snowflake chose (a few rows to millions); the
 worker re-chunks them to exactly `batch_rows` rows (the last batch of a day is smaller) and hands
-them to the event loop through a queue of two batches, waiting while the queue is full. Memory
+them to the event loop two batches ahead at most (an `ingestd.ThreadStream`). Memory
 holds at most the driver's prefetched chunks, the chunk being cut and the queued batches, never
 the whole day. Closing the stream stops the worker and aborts a query still running.
 
@@ -113,7 +113,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -123,14 +123,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    Secret, SourceInfo, TransientError)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
+                    ProbeResult, Secret, SourceInfo, ThreadStream, TransientError, rechunk)
 
 
 log = structlog.get_logger("ingestd.snowflake")
 T = TypeVar("T")
 
-__all__ = ["SnowflakeConfig", "SnowflakeConnector", "Rechunker", "normalize", "translate"]
+__all__ = ["SnowflakeConfig", "SnowflakeConnector", "normalize", "translate"]
 
 INSTALL_HINT = "pip install 'ingestd[snowflake]'"
 QUEUE_DEPTH = 2
@@ -377,62 +377,6 @@ def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str, lowercase: bool =
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-class Rechunker:
-    """Cuts and joins a stream of Arrow tables of any sizes into record batches of exactly
-    `batch_rows` rows (the last one may be smaller). Big chunks are sliced without copying;
-    small ones are held until a batch is full. Every batch has the first chunk's schema."""
-
-    def __init__(self, batch_rows: int):
-        if batch_rows < 1:
-            raise ValueError("batch_rows must be at least 1")
-        self.batch_rows = batch_rows
-        self.schema: pa.Schema | None = None
-        self._pending: list[pa.RecordBatch] = []
-        self._rows = 0
-
-    def push(self, data: pa.Table | pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        for batch in data.to_batches() if isinstance(data, pa.Table) else [data]:
-            if batch.num_rows == 0:
-                continue
-            batch = self._conform(batch)
-            offset = 0
-            while offset < batch.num_rows:
-                take = min(self.batch_rows - self._rows, batch.num_rows - offset)
-                piece = batch.slice(offset, take)
-                offset += take
-                if not self._pending and take == self.batch_rows:
-                    yield piece
-                    continue
-                self._pending.append(piece)
-                self._rows += take
-                if self._rows == self.batch_rows:
-                    yield self._drain()
-
-    def flush(self) -> Iterator[pa.RecordBatch]:
-        if self._rows:
-            yield self._drain()
-
-    def _drain(self) -> pa.RecordBatch:
-        pending, self._pending, self._rows = self._pending, [], 0
-        if len(pending) == 1:
-            return pending[0]
-        table = pa.Table.from_batches(pending).combine_chunks()
-        return table.to_batches(max_chunksize=table.num_rows)[0]
-
-    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self.schema is None:
-            self.schema = batch.schema
-            return batch
-        if batch.schema.equals(self.schema, check_metadata=False):
-            return batch if batch.schema.equals(self.schema, check_metadata=True) else \
-                pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
-        try:
-            return batch.cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, TypeError) as exc:
-            raise PermanentError(f"the result's columns changed type between chunks ({self.schema} then "
-                                 f"{batch.schema}): {exc}") from None
-
-
 # -- sessions ---------------------------------------------------------------------------------
 
 class _Stopped(Exception):
@@ -497,48 +441,6 @@ class _Pool:
 def _quiet_close(con: Any) -> None:
     with contextlib.suppress(Exception):
         con.close()
-
-
-class _End:
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
-
-
-class _Pump:
-    """Hands items from a worker thread to the event loop, at most `depth` waiting: `put` blocks
-    the thread while they are all waiting and gives up (False) once `stop` is set."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = QUEUE_DEPTH):
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._slots = threading.Semaphore(depth)
-        self.stopped = threading.Event()
-
-    def put(self, item: Any) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if self.stopped.is_set():
-                return False
-        if self.stopped.is_set():
-            return False
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.stopped.set()
-            return False
-        return True
-
-    def end(self, error: BaseException | None = None) -> None:
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _End(error))
-
-    async def get(self) -> Any:
-        item = await self._queue.get()
-        if not isinstance(item, _End):
-            self._slots.release()
-        return item
-
-    def stop(self) -> None:
-        self.stopped.set()
 
 
 # -- the connector ----------------------------------------------------------------------------
@@ -783,30 +685,21 @@ class SnowflakeConnector(Connector):
         key = self._key(query, source)
         zone = self._zone(query)
         params = self._bind(query)
-        pump = _Pump(asyncio.get_running_loop())
 
-        def produce(session: _Session) -> None:
-            cur = self._run(session, query.sql, params, pump.stopped)
+        def produce(session: _Session, out: Outlet) -> None:
+            cur = self._run(session, query.sql, params, out.stopped)
             sent = False
-
-            def put(batch: pa.RecordBatch) -> None:
-                nonlocal sent
-                if not pump.put(batch):
-                    raise _Stopped
-                sent = True
-
             try:
-                rechunker = Rechunker(batch_rows)
                 try:
                     tables = cur.fetch_arrow_batches(force_microsecond_precision=True)
                 except TypeError:  # a driver without the option: normalize() casts to microseconds
                     tables = cur.fetch_arrow_batches()
                 try:
-                    for table in tables:
-                        for batch in rechunker.push(normalize(table, zone, self.config.lowercase_columns)):
-                            put(batch)
-                    for batch in rechunker.flush():
-                        put(batch)
+                    for batch in rechunk((normalize(t, zone, self.config.lowercase_columns) for t in tables),
+                                         batch_rows):
+                        if not out.put(batch):
+                            raise _Stopped
+                        sent = True
                 except _Stopped:
                     raise
                 except Exception as exc:
@@ -826,31 +719,15 @@ class SnowflakeConnector(Connector):
                 with contextlib.suppress(Exception):
                     cur.close()
 
-        def worker() -> None:
-            try:
-                self._with_session(key, produce)
-            except _Stopped:
-                pump.end()
-            except BaseException as exc:
-                pump.end(exc)
-            else:
-                pump.end()
+        def worker(out: Outlet) -> None:
+            with contextlib.suppress(_Stopped):
+                self._with_session(key, lambda session: produce(session, out))
 
-        thread = threading.Thread(target=worker, name=f"ingestd-snowflake-{self.name}", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = await pump.get()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    return
-                yield item
-        finally:
-            pump.stop()
-            deadline = time.monotonic() + STOP_WAIT_SECONDS
-            while thread.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        stream = ThreadStream(worker, depth=QUEUE_DEPTH, name=f"ingestd-snowflake-{self.name}",
+                              join_seconds=STOP_WAIT_SECONDS)
+        async with stream:
+            async for batch in stream:
+                yield batch
 
     async def close(self) -> None:
         """Close the idle sessions; sessions still in use are closed when their call ends."""
