@@ -1,6 +1,6 @@
 """The Snowflake connector with the real snowflake-connector-python, over HTTP, against fakesnow's
 server on loopback (tests/fakesnow_server.py): the conformance kit, the daemon end to end, auth,
-sessions, errors, types, cancellation and the re-chunker.
+sessions, errors, types and cancellation.
 
 What fakesnow cannot show, and how it is tested instead:
 
@@ -15,7 +15,8 @@ What fakesnow cannot show, and how it is tested instead:
   reason (it runs as soon as the server has HASH_AGG); the other tests use `fingerprint = false`.
 - fakesnow ignores session parameters: QUERY_TAG and TIMEZONE are checked in what the driver sent
   at login. TIMESTAMP_NTZ read in the source's zone is the connector's own doing, checked on data.
-- fakesnow returns a result as one chunk: the re-chunker is tested directly on uneven tables.
+- fakesnow returns a result as one chunk: the re-chunker (`ingestd.Rechunker`) is tested directly
+  on uneven tables in tests/test_streams.py.
 - fakesnow runs every query at once: the test server keeps a query holding `ingestd_test_slow`
   RUNNING until the client aborts it, to check that cancelling aborts the query in Snowflake.
 """
@@ -194,14 +195,11 @@ def test_the_plugin_imports_without_the_driver_and_says_how_to_install_it(tmp_pa
 
 
 def sample_config() -> str:
-    """The commented sample in the plugin's docstring, as TOML."""
-    doc = sf_plugin.__doc__
-    start = doc.index("    [connections.NAME]")
-    block = doc[start:doc.index("\nSessions.", start)]
-    return textwrap.dedent(block)
+    """The plugin's documented sample configuration (plugins/snowflake/sample.toml)."""
+    return (ROOT / "plugins" / "snowflake" / "sample.toml").read_text()
 
 
-def test_the_sample_config_in_the_docstring_is_valid_and_every_commented_key_exists(monkeypatch):
+def test_the_sample_config_is_valid_and_every_commented_key_exists(monkeypatch):
     monkeypatch.setenv("SNOWFLAKE_PASSWORD", "pw")
     monkeypatch.setenv("SNOWFLAKE_KEY_PASSPHRASE", "pp")
     table = tomllib.loads(sample_config())["connections"]["NAME"]

@@ -1,75 +1,8 @@
 """The BigQuery connector (type `bigquery`), on google-cloud-bigquery.
 
 Install it with `pip install 'ingestd[bigquery]'` (google-cloud-bigquery, and
-google-cloud-bigquery-storage for the Storage Read API). A sample connection:
-
-    [connections.NAME]
-    type = "bigquery"
-
-    ## The project jobs run in and are billed to (required).
-    project = "my-analytics-project"
-
-    ## Where the jobs run: the location of the datasets the queries read ("US", "EU",
-    ## "europe-west1", ...). Default: BigQuery picks it from the tables the query names.
-    # location = "EU"
-
-    ## Dataset that unqualified table names in the source queries resolve to:
-    ## "dataset" (in `project`) or "other-project.dataset".
-    # default_dataset = "warehouse"
-
-    ## Credentials: a service-account JSON key file (relative paths are taken from
-    ## daemon.toml's folder; ${CREDENTIALS_DIRECTORY} works, for systemd's LoadCredential=).
-    ## Without it, Application Default Credentials are used: GOOGLE_APPLICATION_CREDENTIALS,
-    ## `gcloud auth application-default login`, or the VM's / pod's service account.
-    # credentials_file = "/etc/ingestd/bigquery-key.json"
-
-    ## Act as this service account (google.auth impersonated credentials): the account above
-    ## needs roles/iam.serviceAccountTokenCreator on it. `impersonation_delegates` is the
-    ## optional delegation chain.
-    # impersonate_service_account = "ingestd-reader@my-analytics-project.iam.gserviceaccount.com"
-    # impersonation_delegates = []
-
-    ## Cost guard: the most bytes one query of this connection may bill. Each load first
-    ## runs a free dry run: the byte estimate is logged (`bigquery.estimate`, keys source,
-    ## day, bytes) and a query estimated above the limit fails at once with a clear message
-    ## instead of running; the limit is also set on the job, so BigQuery itself refuses a
-    ## query that would bill more. Probes are guarded the same way. Default: no limit.
-    # maximum_bytes_billed = 50_000_000_000
-
-    ## The same per source (keys are source names), overriding the connection's limit.
-    # maximum_bytes_billed_by_source = { orders = 200_000_000_000 }
-
-    ## Extra job labels. Every job also carries app = "ingestd", ingestd_connection,
-    ## ingestd_source and ingestd_step (check, probe, fetch), lowercased and cut to what
-    ## BigQuery allows.
-    # labels = { team = "growth" }
-
-    ## Rows per result page over the REST API (tabledata); default: the source's batch_rows.
-    # page_size = 50000
-
-    ## Read results through the BigQuery Storage Read API (gRPC, Arrow) when
-    ## google-cloud-bigquery-storage is installed: many times faster on large days. The
-    ## account needs roles/bigquery.readSessionUser on `project`; when a read session cannot
-    ## be created the rows are read over REST pages instead, with a warning. Small results
-    ## (one page) are always read over REST.
-    # use_storage_api = true
-
-    ## Parallel Storage Read API streams per load (each holds at most one page in memory).
-    # max_stream_count = 1
-
-    ## Seconds a query job may run (BigQuery cancels it after that); default: no limit.
-    # job_timeout_seconds = 3600.0
-
-    ## How long the client retries a failing API call (a 5xx, a dropped connection) before
-    ## the error reaches the daemon, which then retries the whole step with its own backoff.
-    # retry_seconds = 60.0
-
-    ## Emulators and tests only: the REST endpoint ("http://127.0.0.1:9050"), the Storage Read
-    ## API's gRPC endpoint ("http://HOST:PORT" for plaintext, else "HOST:PORT" with TLS) and
-    ## anonymous credentials (no token is sent).
-    # api_endpoint = "http://127.0.0.1:9050"
-    # storage_api_endpoint = "http://127.0.0.1:9060"
-    # anonymous = false
+google-cloud-bigquery-storage for the Storage Read API). `sample.toml` beside this module is the
+documented configuration: every key, its default, what it does.
 
 Queries name the day with `{day}` (a DATE parameter `@day`), `{start}` and `{end}` (TIMESTAMP
 parameters `@start`/`@end`, in UTC): values travel as query parameters, never as SQL text.

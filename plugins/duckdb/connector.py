@@ -4,28 +4,8 @@ It is the embedded default: with `demo = true` the file is created with a few we
 events and metrics (see `plugins.demo_warehouse`), and each newly completed UTC day "lands"
 before the next check, probe or fetch, so the daemon has something to load every day.
 
-    [connections.NAME]
-    type = "duckdb"
-
-    ## The warehouse file (required). Relative paths are taken from daemon.toml's folder.
-    path = "var/warehouse.duckdb"
-
-    ## Demo mode: when the file is missing, create it (and its folder) with the tables
-    ## events_raw and metrics_daily; before each check, probe or fetch, land every completed
-    ## UTC day since the first demo day that has not been landed yet. Days are generated from
-    ## their date, so the same day always has the same rows. A file that exists without the
-    ## demo tables is left untouched.
-    # demo = false
-
-    ## Demo mode: days of history created with a new demo warehouse, ending yesterday (UTC).
-    # demo_days = 21
-
-    ## Demo mode: event rows per demo day (about: fewer at weekends); metrics_daily gets a
-    ## fifth as many rows (one per user and metric).
-    # demo_rows_per_day = 5000
-
-    ## DuckDB worker threads per query.
-    # threads = 1
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Every call opens its own connection, read-only, and closes it when done: DuckDB allows one
 writing process per file, so the connector never holds a lock between calls and a process that

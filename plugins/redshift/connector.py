@@ -1,59 +1,7 @@
 """The Amazon Redshift connector (type `redshift`), on AWS's `redshift-connector` driver.
 
-Install the driver with `pip install 'ingestd[redshift]'`.
-
-    [connections.NAME]
-    type = "redshift"
-
-    ## The cluster's or Serverless workgroup's endpoint, and the database (required; with
-    ## iam = true the host may be left out: the driver looks it up from cluster_identifier or
-    ## workgroup).
-    host = "examplecluster.abc123xyz789.us-west-2.redshift.amazonaws.com"
-    # port = 5439
-    database = "dev"
-
-    ## The database user, and its password as one of password_env, password_file or password.
-    ## Give the user SELECT on the tables the source queries read, and USAGE on their schemas;
-    ## `ingestd check` names the grant that is missing.
-    user = "ingestd"
-    password_env = "REDSHIFT_PASSWORD"
-    # password_file = "${CREDENTIALS_DIRECTORY}/redshift-password"
-
-    ## IAM authentication instead of a password: temporary database credentials from
-    ## GetClusterCredentials (a provisioned cluster: cluster_identifier) or from Redshift
-    ## Serverless (workgroup). AWS credentials come from `profile`, from the access keys, or else
-    ## from the usual AWS chain (environment, instance or task role). With IAM, `user` is the
-    ## database user to log in as (optional for Serverless and for GetClusterCredentialsWithIAM).
-    # iam = false
-    # cluster_identifier = "examplecluster"
-    # workgroup = "default-workgroup"
-    # region = "us-west-2"
-    # profile = "analytics"
-    # access_key_id_env = "AWS_ACCESS_KEY_ID"
-    # secret_access_key_env = "AWS_SECRET_ACCESS_KEY"
-    # session_token_env = "AWS_SESSION_TOKEN"
-
-    ## TLS. sslmode "verify-ca": the server's certificate must chain to the Redshift CA bundle
-    ## shipped with the driver (or a system CA); "verify-full": and its name must match host.
-    ## ssl = false only for a test server without TLS (IAM needs TLS).
-    # ssl = true
-    # sslmode = "verify-ca"
-
-    ## Shown in STV_SESSIONS and SYS_QUERY_HISTORY, to tell ingestd's queries apart.
-    # application_name = "ingestd"
-
-    ## Server-side limit on every statement (the probe, the DECLARE that runs the day query,
-    ## each FETCH), in milliseconds; 0 leaves the cluster's own setting.
-    # statement_timeout_ms = 3600000
-
-    ## Rows per FETCH FORWARD round trip. The default works on every Redshift: single-node
-    ## clusters refuse more than 1000. On multi-node clusters AWS suggests 4000 or more, which
-    ## saves round trips (memory grows with fetch_size and the source's batch_rows, never with the
-    ## day's size).
-    # fetch_size = 1000
-
-    ## Seconds to wait while connecting and logging in.
-    # timeout = 30
+Install the driver with `pip install 'ingestd[redshift]'`. `sample.toml` beside this module is the
+documented configuration: every key, its default, what it does.
 
 How a day is read. Every call opens its own connection (session time zone UTC, the statement
 timeout and application name set) and closes it when done, so nothing is held between windows.

@@ -1,77 +1,15 @@
 """The Snowflake connector (type `snowflake`), on snowflake-connector-python (`pip install
 'ingestd[snowflake]'`; the driver is imported on first use, so the daemon runs without it).
 
-    [connections.NAME]
-    type = "snowflake"
-
-    ## Account identifier (required): `org-account` (e.g. "myorg-myaccount") or the legacy
-    ## locator, with region and cloud where needed (e.g. "xy12345.eu-west-1"). A pasted URL
-    ## ("https://myorg-myaccount.snowflakecomputing.com") is accepted too.
-    account = "myorg-myaccount"
-
-    ## Login name (required, except with an OAuth token, where Snowflake takes it from the token).
-    user = "INGESTD"
-
-    ## Authentication: exactly one of password, private_key_file or token. Each secret is given
-    ## inline, as KEY_env = "VARIABLE" or as KEY_file = "/path" (systemd: KEY_file =
-    ## "${CREDENTIALS_DIRECTORY}/snowflake-password").
-    password_env = "SNOWFLAKE_PASSWORD"
-    ## Key-pair authentication: a PEM (or DER) PKCS#8 private key whose public key is set on the
-    ## user (ALTER USER ... SET RSA_PUBLIC_KEY = '...'). Relative paths are taken from
-    ## daemon.toml's folder. An encrypted key needs its passphrase.
-    # private_key_file = "snowflake_key.p8"
-    # private_key_passphrase_env = "SNOWFLAKE_KEY_PASSPHRASE"
-    ## OAuth access token (authenticator "oauth").
-    # token_file = "/run/secrets/snowflake-oauth-token"
-
-    ## Session context. Unset keys fall back to the user's defaults in Snowflake. The role needs
-    ## USAGE on the warehouse, database and schema and SELECT on what the queries read.
-    role = "INGESTD_READER"
-    warehouse = "INGESTD_WH"
-    # database = "ANALYTICS"
-    # schema = "PUBLIC"
-
-    ## Probe fingerprints with HASH_AGG(*) over the day query (needed by detect = "checksum").
-    ## It reads every column of the day, which costs more warehouse time than COUNT(*) on wide
-    ## tables; with false, probes count rows only and checksum sources compare counts.
-    # fingerprint = true
-
-    ## The time zone TIMESTAMP_NTZ values are wall-clock times in: "source" (each source's
-    ## `timezone`, UTC unless set) or an IANA name such as "UTC" when NTZ columns hold UTC
-    ## whatever the source's day boundaries. It is also the session's TIMEZONE.
-    # timestamp_ntz_zone = "source"
-
-    ## Give result columns whose names are all upper case (how Snowflake returns unquoted
-    ## identifiers: `SELECT ts` yields TS) in lower case, so a mapping says `ts`. With false,
-    ## mappings use Snowflake's names exactly.
-    # lowercase_columns = true
-
-    ## Seconds to wait for a login, and for one HTTP request with the driver's own retries;
-    ## a limit on each query's run time in Snowflake (STATEMENT_TIMEOUT_IN_SECONDS; unset:
-    ## the account's or user's setting).
-    # login_timeout_seconds = 60
-    # network_timeout_seconds = 300
-    # statement_timeout_seconds = 3600
-
-    ## Result chunks the driver downloads ahead, in threads (each holds one chunk in memory).
-    # prefetch_threads = 4
-
-    ## More Snowflake session parameters, e.g. { USE_CACHED_RESULT = false }. QUERY_TAG and
-    ## TIMEZONE are set by ingestd.
-    # session_parameters = {}
-
-    ## Where the driver connects instead of <account>.snowflakecomputing.com:443 over https
-    ## (a private-link host name, a proxy, a test server).
-    # host = "myorg-myaccount.privatelink.snowflakecomputing.com"
-    # port = 443
-    # protocol = "https"
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Sessions. Each source gets its own Snowflake sessions, opened on first use and kept for the next
 call (a session idle for 30 minutes is closed at the next call instead, and all are closed when
 the daemon stops). Their QUERY_TAG names ingestd, the connection and the source as JSON
 (`{"app":"ingestd","connection":"sf","source":"orders"}`), so QUERY_HISTORY shows what ingestd
-ran for whom; their TIMEZONE is the NTZ zone above. A session that Snowflake expired (4 hours
-idle) is replaced by a new login without failing the call.
+ran for whom; their TIMEZONE is the NTZ zone (`timestamp_ntz_zone`). A session that Snowflake
+expired (4 hours idle) is replaced by a new login without failing the call.
 
 Parameters. The connection uses the driver's `qmark` style, which binds values on the server:
 `{day}` is a DATE; `{start}` and `{end}` are TIMESTAMP_NTZ wall-clock times in the NTZ zone,
