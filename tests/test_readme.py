@@ -27,9 +27,12 @@ ALTERNATIVES = {
 uncommented these are checked for known keys and valid values, without the plugin's validate()."""
 
 
-def test_every_built_in_plugin_folder_has_its_sample():
+def test_every_built_in_plugin_folder_has_its_sample_and_readme():
     folders = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/__init__.py"))
     assert folders == sorted(p.parent.name for p in SAMPLES)
+    for name in folders:
+        assert (ROOT / "plugins" / name / "README.md").is_file(), f"plugins/{name}/README.md is missing"
+        assert "sample.toml" in (ROOT / "plugins" / name / "README.md").read_text()
 
 
 def test_readme_shows_every_plugins_sample():
