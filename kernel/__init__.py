@@ -9,7 +9,7 @@ from .core.contracts import (Capabilities, Connector, Kind, PartitionInfo, Probe
                         SourceInfo, Target)
 from .core.errors import (ConfigError, ConfigErrors, ConnectorError, IngestdError, PermanentError, PluginError,
                      SinkError, TransientError)
-from .core.events import (BackfillAccepted, BackfillDone, BackfillProgress, CheckChanged, CheckUnchanged,
+from .core.events import (BackfillAccepted, BackfillDone, BackfillProgress, CheckChanged, CheckHeld, CheckUnchanged,
                      DaemonStarted, DaemonStopping, Event, LoadEmpty, LoadFailed, LoadStarted,
                      LoadSucceeded)
 from .core.models import Secret, build_model
@@ -29,7 +29,7 @@ __all__ = [
     "ThreadStream", "Outlet", "ThreadSession", "Rechunker", "rechunk",
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",
-    "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged",
+    "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged", "CheckHeld",
     "CheckUnchanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",
     "DaemonStopping",
 ]
