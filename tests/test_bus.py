@@ -447,3 +447,32 @@ def test_tls_with_a_ca_file_and_a_client_certificate(tmp_path, warehouse):
     finally:
         stop_daemon(proc)
         broker.stop()
+
+
+def test_a_ready_request_loads_the_day_although_the_ready_query_says_no(tmp_path, warehouse, broker):
+    """Issue 14: `ready` over MQTT is the user's word that the day is complete; it loads now,
+    whatever the ready_query answers, and a day in the future is refused with an error answer."""
+    warehouse.add_events(D, 40)
+    warehouse.execute("CREATE TABLE markers (day DATE)")
+    cfg = bus_config(tmp_path, broker)
+    cfg.write_text(cfg.read_text().replace("max_reject_pct = 1.0", 'max_reject_pct = 1.0\n'
+                                           'ready_query = "SELECT count(*) > 0 FROM markers WHERE day = {day}"'))
+    watcher = Collector(broker.port, ["ingestd/test/#"])
+    proc = start_daemon(cfg)
+    try:
+        wait_for(lambda: any(t == "ingestd/test/state" and p.get("state") == "online" for t, p, _ in watcher.messages),
+                 what="online state")
+        answer, _, _ = asyncio.run(request(broker.port, "ready", {"source": "orders", "day": D.isoformat()}))
+        assert answer["status"] == "ok" and answer["data"]["accepted"] is True, answer
+        wait_for(lambda: watcher.events("load.succeeded"), what="the ready load")
+        future = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=3)).isoformat()
+        refused, _, _ = asyncio.run(request(broker.port, "ready", {"source": "orders", "day": future}))
+        assert refused["status"] == "error" and "is in the future" in refused["error"]
+    finally:
+        stop_daemon(proc)
+    assert sink_rows(tmp_path / "analytics.duckdb", "orders", D) == 40
+    done = watcher.events("load.succeeded")[0]
+    assert done["data"]["trigger"] == "ready" and done["data"]["rows"] == 40
+    assert not [e for e in watcher.events("load.empty") if e["day"] == D.isoformat()]
+    assert state_query(tmp_path / "state.db", "SELECT ready_at IS NOT NULL FROM partitions WHERE day = ?",
+                       (D.isoformat(),)) == [(1,)]

@@ -262,7 +262,7 @@ class _Progress:
 
     def __init__(self, rt: Runtime, run_id: str):
         self.rt, self.run_id = rt, run_id
-        self.last = time.monotonic()
+        self.last = 0.0
 
     async def __call__(self, rows: int) -> None:
         if time.monotonic() - self.last >= self.EVERY_SECONDS:
