@@ -93,7 +93,7 @@ def render(
     values = window.values()
     names: list[str] = []
 
-    def substitute(match: re.Match) -> str:
+    def substitute(match: re.Match[str]) -> str:
         name = match.group(1)
         if style in ("pyformat", "named", "at") and name in names:
             return marker(style, name, names.index(name) + 1)
@@ -150,16 +150,18 @@ def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int =
     query>) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s.<column>, k)), 0) = i`, the column quoted
     with the connector's own quote; ABS keeps negative values and COALESCE puts NULLs in slice 0.
     """
-    bind = dict(filter_column=filter_column, filter_kind=filter_kind)
+    def one(w: DayWindow) -> DayQuery:
+        return day_query(sql, w, style, filter_column=filter_column, filter_kind=filter_kind)
+
     if slices == 1:
-        return [day_query(sql, window, style, **bind)]  # type: ignore[arg-type]
+        return [one(window)]
     if slice_column:
-        whole = day_query(sql, window, style, **bind)  # type: ignore[arg-type]
+        whole = one(window)
         col = f"{SLICE_ALIAS}.{quote_ident(slice_column, style.quote)}"
         return [DayQuery(f"SELECT * FROM (\n{whole.sql}\n) {SLICE_ALIAS} "
                          f"WHERE COALESCE(ABS(MOD({col}, {slices})), 0) = {i}", whole.params, whole.window, whole.names)
                 for i in range(slices)]
-    return [day_query(sql, w, style, **bind) for w in sub_windows(window, slices)]  # type: ignore[arg-type]
+    return [one(w) for w in sub_windows(window, slices)]
 
 
 def uses_placeholders(sql: str) -> bool:

@@ -37,7 +37,7 @@ _MINUTE = dt.timedelta(minutes=1)
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 # (name, lowest, highest, names mapped to numbers)
-_FIELDS = (
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("minute", 0, 59, {}),
     ("hour", 0, 23, {}),
     ("day-of-month", 1, 31, {}),
@@ -48,7 +48,7 @@ _ITEM = re.compile(r"(?:\*|([0-9a-z]+)(?:-([0-9a-z]+))?)(?:/([0-9]+))?")
 
 
 @functools.lru_cache(maxsize=1024)
-def validate_cron(expr: str) -> str | None:
+def validate_cron(expr: object) -> str | None:
     """None if `expr` is a standard 5-field cron expression (minute hour day-of-month month
     day-of-week; numbers, '*', ',', '-', '/', and jan-dec / sun-sat names), else a message.
     croniter's extensions (seconds, '@daily', L, W, #, ?, H, R) are refused."""
@@ -128,7 +128,11 @@ class CronWindows:
 
     def _slack(self, t: dt.datetime) -> dt.timedelta:
         """How far the zone's UTC offset moves within a day of `t`: zero except near a transition."""
-        offsets = [(t + d).astimezone(self.tz).utcoffset() for d in (-_DAY, dt.timedelta(0), _DAY)]
+        offsets: list[dt.timedelta] = []
+        for d in (-_DAY, dt.timedelta(0), _DAY):
+            offset = (t + d).astimezone(self.tz).utcoffset()
+            assert offset is not None  # aware in a ZoneInfo zone: always has an offset
+            offsets.append(offset)
         return max(offsets) - min(offsets)
 
     # -- queries -------------------------------------------------------------------------------

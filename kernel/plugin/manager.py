@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
@@ -30,7 +31,7 @@ class PluginInfo:
     sinks: list[str] = field(default_factory=list)
     error: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.target, "distribution": self.distribution,
                 "version": self.version, "api": list(self.api) if self.api else None,
                 "connectors": self.connectors, "sinks": self.sinks, "error": self.error}
