@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from ..core import logs
-from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress
+from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress, Event
 from ..core.errors import IngestdError
 from .ingest import Outcome, load_day
 from .runtime import Runtime, SourceGone, event
@@ -62,7 +62,7 @@ async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, st
             except SourceGone as exc:
                 outcome = Outcome("failed", reason=str(exc))
 
-            def progress(done: int, total: int):
+            def progress(done: int, total: int) -> list[Event]:
                 if on_progress:
                     on_progress(done, total, source, day, outcome.status)
                 rt.activity[f"backfill/{backfill_id}"] = f"backfill {done}/{total}"

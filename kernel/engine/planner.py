@@ -91,7 +91,7 @@ async def recheck_due(rt: Runtime, source: str, now: dt.datetime) -> bool:
     return last is not None and (seen is None or last > seen)
 
 
-async def run_due(rt: Runtime, source: str, now: dt.datetime) -> dict[str, dict]:
+async def run_due(rt: Runtime, source: str, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
     """Everything due for a source at `now`: catch-up and the load window, then a re-check if
     one fell due since the last one ran (`ingestd run --once`, and the daemon at start)."""
     out = {"load": await run_load_window(rt, source, now)}
