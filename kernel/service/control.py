@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 from ..core.errors import IngestdError
 from ..engine import backfill as backfills
@@ -76,6 +76,14 @@ class Control:
         return {**report, "activity": self._activity()}
 
     # -- loads ---------------------------------------------------------------------------------------
+
+    @overload
+    async def load(self, source: str, day: dt.date, *, command: str = ...,
+                   wait: Literal[False] = ...) -> LoadTicket: ...
+    @overload
+    async def load(self, source: str, day: dt.date, *, command: str = ..., wait: Literal[True]) -> Outcome: ...
+    @overload
+    async def load(self, source: str, day: dt.date, *, command: str = ..., wait: bool) -> LoadTicket | Outcome: ...
 
     async def load(self, source: str, day: dt.date, *, command: str = "load", wait: bool = False) -> LoadTicket | Outcome:
         """Load (or reload) one day now. `command` "ready" records the user's word that the day is

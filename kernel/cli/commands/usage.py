@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from typing import Any
 
 from ...engine.state import StateStore
 from ..registry import EXIT_OK, Command, date_arg, setup
@@ -23,7 +24,7 @@ class Usage(Command):
     def run(self, args: argparse.Namespace) -> int:
         config, _ = setup(args.config)
 
-        async def read() -> list[dict]:
+        async def read() -> list[dict[str, Any]]:
             state = await StateStore(config.state_path(), writer=False).open()
             try:
                 return await state.usage(args.first, args.last)
