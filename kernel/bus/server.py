@@ -47,7 +47,7 @@ async def _first_failure(*coros: Coroutine[Any, Any, None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def bus_service(rt: Runtime, control: Control) -> "Bus | None":
+def bus_service(rt: Runtime, control: Control) -> Bus | None:
     """The daemon's bus, when `[bus] enabled = true` (a `ServiceFactory`)."""
     return Bus(rt, control) if rt.config.bus.enabled else None
 

@@ -247,7 +247,8 @@ def _plugged(tables: Any, where: str, types: ReadOnlyMap[str, type[Connector] | 
             continue
         kind = table.get("type")
         if not isinstance(kind, str):
-            errors.append(ConfigError(f"{path}.type", f"missing: name the {what} type ({', '.join(sorted(types)) or 'none loaded'})"))
+            known = ", ".join(sorted(types)) or "none loaded"
+            errors.append(ConfigError(f"{path}.type", f"missing: name the {what} type ({known})"))
             continue
         cls = types.get(kind)
         if cls is None:

@@ -99,10 +99,11 @@ class Connector(ABC):
         """The day's row count (and fingerprint if capable), without downloading rows."""
 
     @abstractmethod
-    def fetch(self, query: DayQuery, batch_rows: int, source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
+    def fetch(self, query: DayQuery, batch_rows: int,
+              source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
         """Stream the day's rows as RecordBatches of at most `batch_rows` rows, memory bounded."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional: nothing to release by default)
         """Release connections."""
 
 
@@ -140,7 +141,7 @@ class Sink(ABC):
         self.config = config
         self.name = name
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027  (optional: nothing to create by default)
         """Create tables and recover from a crash (drop rows of generations never made visible)."""
 
     @abstractmethod
@@ -164,7 +165,7 @@ class Sink(ABC):
         never written, and an empty generation, yield no rows. Row order is not specified.
         The kernel does not call it: the conformance kit and tools read a sink back with it."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional: nothing to flush by default)
         """Flush and release the store."""
 
 

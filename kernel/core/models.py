@@ -122,7 +122,8 @@ def _convert(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            errors.append(ConfigError(path, f"expected one of {', '.join(repr(c) for c in choices)}, got {_show(value)}"))
+            errors.append(ConfigError(path, f"expected one of {', '.join(repr(c) for c in choices)}, "
+                                            f"got {_show(value)}"))
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):

@@ -27,7 +27,7 @@ class DayWindow:
     timezone: str = "UTC"
 
     @classmethod
-    def of(cls, day: dt.date, timezone: str = "UTC") -> "DayWindow":
+    def of(cls, day: dt.date, timezone: str = "UTC") -> DayWindow:
         tz = ZoneInfo(timezone)
         nxt = day + dt.timedelta(days=1)
         start = dt.datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(dt.UTC)
@@ -47,7 +47,7 @@ class DayQuery:
     window: DayWindow
     names: tuple[str, ...] = field(default=())
 
-    def with_values(self, **values: Any) -> "DayQuery":
+    def with_values(self, **values: Any) -> DayQuery:
         """The same SQL with other parameter values (the conformance kit's injection test)."""
         if isinstance(self.params, dict):
             return DayQuery(self.sql, {**self.params, **values}, self.window, self.names)

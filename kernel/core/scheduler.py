@@ -31,7 +31,7 @@ from croniter import CroniterError, croniter
 SEARCH_BACK_DAYS = 400
 MAX_WINDOWS = 10_000
 
-_UTC = dt.timezone.utc
+_UTC = dt.UTC
 _DAY = dt.timedelta(days=1)
 _MINUTE = dt.timedelta(minutes=1)
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -60,13 +60,13 @@ def validate_cron(expr: object) -> str | None:
         if expr.strip().startswith("@"):
             return f"{bad} (nicknames are not supported; write 5 fields, e.g. '0 0 * * *' for daily)"
         return f"{bad} (expected 5 fields: minute hour day-of-month month day-of-week; got {len(fields)})"
-    for text, (name, lo, hi, names) in zip(fields, _FIELDS):
+    for text, (name, lo, hi, names) in zip(fields, _FIELDS, strict=True):
         for item in text.split(","):
             m = _ITEM.fullmatch(item.lower())
             if m is None:
                 return f"{bad} ({name} field {text!r}: only numbers, names, '*', ',', '-' and '/' are allowed)"
             first, last, step = m.groups()
-            for tok, raw in zip((first, last), re.split(r"[-/]", item)):
+            for tok, raw in zip((first, last), re.split(r"[-/]", item), strict=False):
                 if tok is None:
                     continue
                 value = int(tok) if tok.isdigit() else names.get(tok)

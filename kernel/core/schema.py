@@ -228,7 +228,8 @@ class RowMapper:
         num = _number(q(m.numerator) if m.numerator else None)
         den = _number(q(m.denominator) if m.denominator else None)
         ratio_given = f"({num} IS NOT NULL AND {den} IS NOT NULL)"
-        metric_value = f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END ELSE {value} END"
+        metric_value = (f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END "
+                        f"ELSE {value} END")
         bad_number = " OR ".join(
             f"({q(c)} IS NOT NULL AND {_number(q(c))} IS NULL)"
             for c in (m.metric_value, m.numerator, m.denominator) if c) or "FALSE"
@@ -279,7 +280,7 @@ class RowMapper:
             if room > 0:
                 idx = pc.indices_nonzero(pc.invert(ok)).to_pylist()[:room]
                 raw = batch.take(pa.array(idx)).to_pylist()
-                for i, row in zip(idx, raw):
+                for i, row in zip(idx, raw, strict=True):
                     samples.append({"reason": reasons[i].as_py(), "row": _json_safe(row)})
                 self.samples_kept += len(samples)
         combined = good.combine_chunks()

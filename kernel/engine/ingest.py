@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import random
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import datetime as dt
 
 import pyarrow as pa
 
 from ..core import logs
+from ..core.config import DaemonSection
 from ..core.contracts import ProbeResult, Target, aclosing_stream
 from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, TransientError
 from ..core.events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
-from ..core.config import DaemonSection
 from ..core.schema import RowMapper
 from .job import Job
 from .runtime import Runtime, event

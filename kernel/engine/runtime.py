@@ -84,7 +84,7 @@ class Runtime:
         self.activity: dict[str, str] = {}
         self.stopping = asyncio.Event()
 
-    async def open(self) -> "Runtime":
+    async def open(self) -> Runtime:
         check_capabilities(self.config, self.plugins)
         logs.set_secrets(self.config.secrets())
         await self.state.open()

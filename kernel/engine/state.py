@@ -163,7 +163,7 @@ class StateStore:
         self._lock = StateLock(self.path) if writer else None
         self._tx_lock: asyncio.Lock | None = None
 
-    async def open(self) -> "StateStore":
+    async def open(self) -> StateStore:
         self._tx_lock = asyncio.Lock()
         if not self.writer and not self.path.exists():
             raise StateError(f"no state database at {self.path} (has the daemon run yet?)")
@@ -205,7 +205,7 @@ class StateStore:
             self._lock.release()
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator["Tx"]:
+    async def transaction(self) -> AsyncIterator[Tx]:
         assert self._db is not None and self._tx_lock is not None
         async with self._tx_lock:
             tx = Tx(self._db, self.outbox_enabled)
@@ -235,7 +235,8 @@ class StateStore:
         rows = await self._all("SELECT * FROM partitions WHERE source = ? AND day = ?", (source, day.isoformat()))
         return _partition(rows[0]) if rows else None
 
-    async def partitions(self, source: str, first: dt.date | None = None, last: dt.date | None = None) -> list[PartitionRow]:
+    async def partitions(self, source: str, first: dt.date | None = None,
+                         last: dt.date | None = None) -> list[PartitionRow]:
         rows = await self._all(
             "SELECT * FROM partitions WHERE source = ? AND day >= ? AND day <= ? ORDER BY day",
             (source, (first or dt.date.min).isoformat(), (last or dt.date.max).isoformat()))

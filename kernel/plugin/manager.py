@@ -12,10 +12,10 @@ from typing import Any
 
 import pluggy
 
-from . import API_VERSION, PROJECT
-from . import spec as hookspecs
 from ..core.contracts import Registry
 from ..core.errors import PluginError
+from . import API_VERSION, PROJECT
+from . import spec as hookspecs
 
 GROUP = PROJECT
 

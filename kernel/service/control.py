@@ -85,7 +85,8 @@ class Control:
     @overload
     async def load(self, source: str, day: dt.date, *, command: str = ..., wait: bool) -> LoadTicket | Outcome: ...
 
-    async def load(self, source: str, day: dt.date, *, command: str = "load", wait: bool = False) -> LoadTicket | Outcome:
+    async def load(self, source: str, day: dt.date, *, command: str = "load",
+                   wait: bool = False) -> LoadTicket | Outcome:
         """Load (or reload) one day now. `command` "ready" records the user's word that the day is
         complete. With `wait`, returns the outcome; else the load runs as a task and the ticket
         says it was accepted."""

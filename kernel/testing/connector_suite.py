@@ -41,8 +41,16 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 import pyarrow as pa
 import pytest
 
-from ingestd import (Connector, ConnectorError, DayQuery, DayWindow, PermanentError, ProbeResult, TransientError,
-                     day_query)
+from ingestd import (
+    Connector,
+    ConnectorError,
+    DayQuery,
+    DayWindow,
+    PermanentError,
+    ProbeResult,
+    TransientError,
+    day_query,
+)
 
 DAY = dt.date(2026, 3, 10)
 
@@ -241,7 +249,7 @@ class ConnectorSuite:
         caps = connector.capabilities
         window = DayWindow.of(DAY)
         bad = [
-            f"SELECT ts FROM ingestd_kit_no_such_table WHERE ts >= {{start}} AND ts < {{end}}",
+            "SELECT ts FROM ingestd_kit_no_such_table WHERE ts >= {start} AND ts < {end}",
             f"SELECT no_such_column FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
             f"SELEC ts FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
         ]

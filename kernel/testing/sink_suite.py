@@ -90,9 +90,9 @@ def kit_batch(kind: Kind, source: str, day: dt.date, generation: int, rows: int,
         data = {
             **common,
             "metric_name": ["kit_metric" if i % 2 else "kit_ratio" for i in idx],
-            "numerator": [float(i) if r else None for i, r in zip(idx, ratio)],
-            "denominator": [float(i % 7 + 1) if r else None for i, r in zip(idx, ratio)],
-            "metric_value": [float(i) / (i % 7 + 1) if r else float(i) * 0.5 for i, r in zip(idx, ratio)],
+            "numerator": [float(i) if r else None for i, r in zip(idx, ratio, strict=True)],
+            "denominator": [float(i % 7 + 1) if r else None for i, r in zip(idx, ratio, strict=True)],
+            "metric_value": [float(i) / (i % 7 + 1) if r else float(i) * 0.5 for i, r in zip(idx, ratio, strict=True)],
         }
     return pa.RecordBatch.from_arrays([pa.array(data[f.name], f.type) for f in schema], schema=schema)
 
@@ -138,7 +138,7 @@ def rows_of(batches: Sequence[pa.RecordBatch] | pa.Table) -> list[dict[str, Any]
 def assert_same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]], what: str) -> None:
     """`got == want`, reported as the row count or the first row that differs (not a 1000-row diff)."""
     assert len(got) == len(want), f"{what}: {len(got)} rows, expected {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"{what}: row {i} (by unit_id) is\n  {g}\nexpected\n  {w}"
 
 
@@ -270,7 +270,8 @@ class SinkSuite:
             seen = await asyncio.wait_for(sink.read_generation(kind, source, DAY), WAIT_S)
             assert seen == PartitionInfo(1, self.rows), "a read during a replace must see the previous generation"
             scanned = await asyncio.wait_for(self.scanned(sink, kind, source), WAIT_S)
-            assert {row["generation"] for row in scanned} == {1}, "a scan during a replace must see the previous generation"
+            assert {row["generation"] for row in scanned} == {1}, \
+                "a scan during a replace must see the previous generation"
             assert len(scanned) == self.rows
         finally:
             gate.go.set()
