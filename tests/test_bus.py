@@ -15,8 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.broker import Mosquitto
-from tests.support import (cli_env, ingestd, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for,
-                           write_config)
+from tests.support import cli_env, ingestd, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for, write_config
 
 D = dt.date(2026, 11, 20)
 OUTAGE_S = float(os.environ.get("INGESTD_TEST_OUTAGE_S", "30"))
@@ -225,9 +224,11 @@ BAD_REQUESTS = [
     ("backfill", json.dumps({"source": 5, "from": "2026-01-01", "to": "2026-01-02"}).encode(), "must be a string"),
     ("backfill", json.dumps({"source": "orders", "from": "2026-01-05", "to": "2026-01-01"}).encode(), "is after"),
     ("backfill", json.dumps({"source": "orders", "from": "2026-13-01", "to": "2026-01-01"}).encode(), "not a date"),
-    ("backfill", json.dumps({"source": "orders", "from": "2020-01-01", "to": "2026-01-01"}).encode(), "max_backfill_days"),
+    ("backfill", json.dumps({"source": "orders", "from": "2020-01-01", "to": "2026-01-01"}).encode(),
+     "max_backfill_days"),
     ("backfill", json.dumps({"source": "ghost", "from": "2026-01-01", "to": "2026-01-01"}).encode(), "unknown source"),
-    ("backfill", json.dumps({"source": "orders", "from": "2026-01-01", "to": "2026-01-01", "x": 1}).encode(), "unknown field 'x'"),
+    ("backfill", json.dumps({"source": "orders", "from": "2026-01-01", "to": "2026-01-01", "x": 1}).encode(),
+     "unknown field 'x'"),
     ("explode", b"{}", "unknown command 'explode'"),
     ("ready", json.dumps({"source": "orders", "day": "yesterday"}).encode(), "not a date"),
     ("cancel", json.dumps({"backfill_id": 99}).encode(), "no running backfill"),
@@ -242,13 +243,15 @@ def test_bad_requests_get_an_error_answer_and_change_nothing(tmp_path, warehouse
     try:
         wait_for(lambda: any(p.get("state") == "online" for _, p, _ in watcher.messages), what="online")
         wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM windows"), what="start-up catch-up")
-        before = state_query(tmp_path / "state.db", "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
+        before = state_query(tmp_path / "state.db",
+                             "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
         for command, payload, message in BAD_REQUESTS:
             answer, _, _ = asyncio.run(request(broker.port, command, payload))
             assert answer["status"] == "error", (command, payload[:50], answer)
             assert message in answer["error"], (message, answer["error"])
         assert proc.poll() is None
-        after = state_query(tmp_path / "state.db", "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
+        after = state_query(tmp_path / "state.db",
+                            "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
         assert before == after
     finally:
         stop_daemon(proc)
@@ -400,7 +403,7 @@ def test_without_a_broker_the_daemon_ingests_and_publishes_once_one_appears(tmp_
     finally:
         out = stop_daemon(proc)
         broker.stop()
-    attempts = [l for l in out.splitlines() if "bus.disconnected" in l]
+    attempts = [ln for ln in out.splitlines() if "bus.disconnected" in ln]
     assert attempts, out[-2000:]
     seqs = [e["seq"] for e in watcher.events()]
     assert seqs == sorted(seqs) and len(seqs) >= 2

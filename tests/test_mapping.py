@@ -55,7 +55,8 @@ def test_second_id_column_is_used_when_the_first_is_null():
     (dict(props="{not json"), "bad_metadata_json"),
 ])
 def test_bad_rows_are_rejected_with_their_reason(bad, reason):
-    rows = [row(ts="2026-01-05T01:00:00Z"), row(ts="2026-01-05T02:00:00Z", **{k: v for k, v in bad.items() if k != "ts"})]
+    rows = [row(ts="2026-01-05T01:00:00Z"),
+            row(ts="2026-01-05T02:00:00Z", **{k: v for k, v in bad.items() if k != "ts"})]
     if "ts" in bad:
         rows[1]["ts"] = bad["ts"]
     out = events_mapper().map(pa.RecordBatch.from_pylist(rows))

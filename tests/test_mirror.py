@@ -14,11 +14,22 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.support import (Warehouse, cli_env, ingestd, plugin_dist, sink_rows, spawn_ingestd, state_query,
-                           wait_for, write_config)
+from tests.support import (
+    cli_env,
+    ingestd,
+    plugin_dist,
+    sink_rows,
+    spawn_ingestd,
+    state_query,
+    wait_for,
+    write_config,
+)
 
 D = dt.date(2026, 11, 20)
 NEXT = D + dt.timedelta(days=1)
+
+
+ORDERS_QUERY = 'query = "SELECT ts, user_id, event, value, props FROM events_raw WHERE ts >= {start} AND ts < {end}"'
 
 
 def at(day: dt.date, hh: int, mm: int = 5) -> str:
@@ -33,7 +44,7 @@ def events_of(out: subprocess.CompletedProcess, kind: str | None = None) -> list
 def partition(tmp_path: Path, day: dt.date = D, source: str = "orders") -> dict | None:
     rows = state_query(tmp_path / "state.db", "SELECT status, generation, rows, held_rows, ready_at FROM partitions "
                                               "WHERE source = ? AND day = ?", (source, day.isoformat()))
-    return dict(zip(("status", "generation", "rows", "held_rows", "ready_at"), rows[0])) if rows else None
+    return dict(zip(("status", "generation", "rows", "held_rows", "ready_at"), rows[0], strict=True)) if rows else None
 
 
 def day_status(cfg: Path, day: dt.date = D, env: dict | None = None) -> dict:
@@ -60,7 +71,8 @@ def test_ready_query_first_value_decides(tmp_path, warehouse, ready_query, fill,
     if fill is not None:
         warehouse.execute("INSERT INTO markers VALUES (?, ?)", [D, fill])
     cfg = write_config(tmp_path, lookback=1)
-    cfg.write_text(cfg.read_text().replace("max_reject_pct = 1.0", f'max_reject_pct = 1.0\nready_query = "{ready_query}"'))
+    text = cfg.read_text().replace("max_reject_pct = 1.0", f'max_reject_pct = 1.0\nready_query = "{ready_query}"')
+    cfg.write_text(text)
     out = ingestd("run", "--once", "--now", at(NEXT, 6), config=cfg, check=True)
     assert sink_rows(tmp_path / "analytics.duckdb", "orders", D) == (100 if loads else 0)
     if loads:
@@ -69,7 +81,8 @@ def test_ready_query_first_value_decides(tmp_path, warehouse, ready_query, fill,
     else:
         assert partition(tmp_path)["status"] == "empty"
         empty = events_of(out, "load.empty")
-        assert empty and empty[0]["reason"] == "ready_query says the day is not ready" and empty[0]["source_rows"] == 100
+        assert empty and empty[0]["reason"] == "ready_query says the day is not ready"
+        assert empty[0]["source_rows"] == 100
         assert not events_of(out, "load.succeeded")
 
 
@@ -361,11 +374,11 @@ def test_integer_epoch_timestamps_in_each_unit(tmp_path, unit, placeholders):
     epoch_warehouse(tmp_path / "warehouse.duckdb", unit)
     cfg = write_config(tmp_path, lookback=1)
     text = cfg.read_text()
+    scale = {"s": 1, "ms": 1000, "us": 1_000_000}[unit]
     query = "SELECT t, user_id, event FROM ev" + (
-        f" WHERE t >= epoch({{start}}::TIMESTAMPTZ) * {({'s': 1, 'ms': 1000, 'us': 1_000_000}[unit])}"
-        f" AND t < epoch({{end}}::TIMESTAMPTZ) * {({'s': 1, 'ms': 1000, 'us': 1_000_000}[unit])}" if placeholders else "")
-    text = text.replace('query = "SELECT ts, user_id, event, value, props FROM events_raw WHERE ts >= {start} AND ts < {end}"',
-                        f'query = "{query}"')
+        f" WHERE t >= epoch({{start}}::TIMESTAMPTZ) * {scale} AND t < epoch({{end}}::TIMESTAMPTZ) * {scale}"
+        if placeholders else "")
+    text = text.replace(ORDERS_QUERY, f'query = "{query}"')
     text = text.replace('timestamp = "ts"', f'timestamp = "t"\ntimestamp_unit = "{unit}"')
     text = text.replace('event_value = "value"\n', "").replace('metadata_json = "props"\n', "")
     cfg.write_text(text)
@@ -382,7 +395,7 @@ def test_an_epoch_in_the_wrong_unit_is_a_bad_timestamp_not_outside_the_day(tmp_p
     epoch_warehouse(tmp_path / "warehouse.duckdb", "us")
     cfg = write_config(tmp_path, lookback=1, max_reject_pct=100)
     text = cfg.read_text().replace(
-        'query = "SELECT ts, user_id, event, value, props FROM events_raw WHERE ts >= {start} AND ts < {end}"',
+        ORDERS_QUERY,
         'query = "SELECT t, user_id, event FROM ev WHERE {day} IS NOT NULL"')
     text = text.replace('timestamp = "ts"', 'timestamp = "t"\ntimestamp_unit = "ms"')  # the column holds us
     cfg.write_text(text.replace('event_value = "value"\n', "").replace('metadata_json = "props"\n', ""))
@@ -400,7 +413,7 @@ def test_a_date_timestamp_is_the_start_of_that_local_day(tmp_path):
         con.execute("INSERT INTO ev SELECT DATE '2026-11-21', 'late', 'signup'")
     cfg = write_config(tmp_path, lookback=1, timezone="America/Los_Angeles")
     text = cfg.read_text().replace(
-        'query = "SELECT ts, user_id, event, value, props FROM events_raw WHERE ts >= {start} AND ts < {end}"',
+        ORDERS_QUERY,
         'query = "SELECT d, user_id, event FROM ev WHERE d = {day}"')
     text = text.replace('timestamp = "ts"', 'timestamp = "d"')
     cfg.write_text(text.replace('event_value = "value"\n', "").replace('metadata_json = "props"\n', ""))
@@ -422,7 +435,7 @@ def test_an_empty_or_blank_id_counts_as_missing(tmp_path):
         ])
     cfg = write_config(tmp_path, lookback=1, max_reject_pct=50)
     text = cfg.read_text().replace(
-        'query = "SELECT ts, user_id, event, value, props FROM events_raw WHERE ts >= {start} AND ts < {end}"',
+        ORDERS_QUERY,
         'query = "SELECT ts, user_id, device_id, event FROM ev WHERE ts >= {start} AND ts < {end}"')
     text = text.replace('ids = { user_id = "user_id" }', 'ids = { user_id = "user_id", device_id = "device_id" }')
     cfg.write_text(text.replace('event_value = "value"\n', "").replace('metadata_json = "props"\n', ""))
