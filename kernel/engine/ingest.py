@@ -29,7 +29,7 @@ from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, Tra
 from ..core.events import CheckChanged, CheckHeld, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
 from ..core.schema import RowMapper
 from .job import Job
-from .runtime import Runtime, event
+from .runtime import Runtime, SinkUnavailable, event
 from .slices import fetch_slices
 from .state import PartitionRow
 
@@ -111,9 +111,13 @@ async def ready_answer(job: Job, day: dt.date) -> bool:
 
 
 async def load_day(rt: Runtime, source: str, day: dt.date, trigger: str, **kw: Any) -> Outcome:
-    """`load_partition` on a job of `source` taken now."""
-    async with rt.job(source) as job:
-        return await load_partition(rt, job, day, trigger, **kw)
+    """`load_partition` on a job of `source` taken now; a failed outcome, with no run recorded,
+    while the source's sink cannot be opened."""
+    try:
+        async with rt.job(source) as job:
+            return await load_partition(rt, job, day, trigger, **kw)
+    except SinkUnavailable as exc:
+        return Outcome("failed", reason=str(exc))
 
 
 async def load_partition(rt: Runtime, job: Job, day: dt.date, trigger: str, *,
