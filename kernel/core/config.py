@@ -247,6 +247,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
         return file, tomllib.loads(file.read_text())
     except FileNotFoundError:
         raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
+    except OSError as exc:
+        raise ConfigErrors([ConfigError("", f"cannot read the config file: {exc.strerror or exc}",
+                                        file=str(file))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
 

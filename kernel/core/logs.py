@@ -4,6 +4,7 @@ Every string in a log event is scrubbed of the configured secrets before it is r
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -42,7 +43,8 @@ def configure(level: str = "info", json_output: bool | None = None, stream: Text
     stream = stream or sys.stdout
     if json_output is None:
         json_output = not stream.isatty()
-    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    renderer = (structlog.processors.JSONRenderer() if json_output
+                else structlog.dev.ConsoleRenderer(colors=os.environ.get("NO_COLOR", "") == ""))  # no-color.org
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
