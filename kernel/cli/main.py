@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     OPTIONS.log_level = args.log_level
     use_system_memory_pool()
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except ConfigErrors as exc:

@@ -148,7 +148,8 @@ class HttpServer:
             response = await handler(request)
         except web.HTTPException as exc:
             if api:
-                response = _json(answer("error", error=exc.reason), exc.status, headers=dict(exc.headers))
+                kept = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+                response = _json(answer("error", error=exc.reason), exc.status, headers=kept)
             else:
                 response = web.Response(text=f"{exc.status} {exc.reason}\n", status=exc.status)
         except Exception as exc:
