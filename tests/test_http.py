@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.http_support import TOKEN, RunningDaemon, call, http_table
+from tests.http_support import TOKEN, RunningDaemon, http_table
 from tests.support import cli_env, ingestd, state_query, wait_for, write_config
 
 TODAY = dt.datetime.now(dt.UTC).date()

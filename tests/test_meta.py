@@ -581,8 +581,8 @@ def test_plugins_json_shows_distribution_version_api_types_and_load_error(tmp_pa
     assert "declares no INGESTD_API" in infos["undeclared"]["error"]
     version = importlib.metadata.version("ingestd")
     assert infos["duckdb"] == {"name": "duckdb", "module": "ingestd.plugins.duckdb", "distribution": "ingestd",
-                               "version": version, "api": [2, 2], "connectors": ["duckdb"], "sinks": [], "observers": [],
-                               "error": None}
+                               "version": version, "api": [2, 2], "connectors": ["duckdb"], "sinks": [],
+                               "observers": [], "error": None}
     assert infos["duckdb_sink"]["sinks"] == ["duckdb"]
 
     text = ingestd("plugins", env=env, check=True).stdout
