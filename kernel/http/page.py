@@ -39,11 +39,11 @@ h2{font-size:15px;margin:0 0 8px} .muted{color:#656d76} .bad{color:#cf222e} .ok{
 .st-loading{animation:pulse 1.2s ease-in-out infinite} @keyframes pulse{50%{opacity:.55}}
 .tip{display:none;position:absolute;top:34px;left:0;z-index:10;width:440px;background:#fff;color:#1f2328;text-align:left;
  line-height:1.35;border:1px solid #d0d7de;border-radius:6px;box-shadow:0 8px 24px rgba(140,149,159,.3);padding:8px 10px;
- font-size:12px;cursor:auto}
+ font-size:12px;cursor:auto;max-height:60vh;overflow:auto;overflow-wrap:anywhere}
 .cell:hover .tip,.cell:focus .tip,.cell:focus-within .tip{display:block}
 .grid .cell:nth-last-child(-n+16) .tip{left:auto;right:0}
-.tip table{border-collapse:collapse;width:100%;margin-top:4px} .tip td,.tip th{border-top:1px solid #eaeef2;padding:2px 4px;
- vertical-align:top;text-align:left} .tip pre{white-space:pre-wrap;margin:2px 0;font-size:11px;background:#f6f8fa;padding:3px}
+.tip table{border-collapse:collapse;width:100%;margin-top:4px;table-layout:fixed} .tip td,.tip th{border-top:1px solid #eaeef2;padding:2px 4px;
+ vertical-align:top;text-align:left} .tip pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0;font-size:11px;background:#f6f8fa;padding:3px}
 .legend{display:flex;flex-wrap:wrap;gap:6px 16px;font-size:12px}
 .sw{display:inline-block;width:12px;height:12px;border-radius:2px;border:1px solid rgba(27,31,36,.25);vertical-align:-2px;
  margin-right:4px}
@@ -100,16 +100,17 @@ def _runs(day: dict[str, Any]) -> str:
         dur = f"{r['duration_ms'] / 1000:.1f} s" if r["duration_ms"] is not None else "running"
         rows.append(f"<tr><td>{_e(r['trigger'])}</td><td>{_e(r['status'])}</td><td>{_e(r['generation'])}</td>"
                     f"<td>{_num(r['rows_written'] if r['status'] != 'running' else r['rows_fetched'])}</td>"
-                    f"<td>{_num(r['rows_rejected'])}</td><td>{dur}</td><td>{_e((r['started_at'] or '')[:19])}</td></tr>")
+                    f"<td>{_num(r['rows_rejected'])}</td><td>{dur}</td><td>{_e((r['started_at'] or '')[5:16].replace('T', ' '))}</td></tr>")
         if r["reason"]:
             rows.append(f"<tr><td colspan=7 class='bad'>{_e(r['reason'])}</td></tr>")
         if r["rejects"]:
             reasons = ", ".join(f"{_e(k)}: {_num(v)}" for k, v in r["rejects"].items())
-            samples = "".join(f"<pre>{_e(s['reason'])}: {_e(json.dumps(s['row'], default=str)[:300])}</pre>"
+            samples = "".join(f"<pre>{_e(s['reason'])}: {_e(json.dumps(s['row'], default=str)[:240])}</pre>"
                               for s in r["reject_samples"])
             rows.append(f"<tr><td colspan=7>rejected: {reasons}{samples}</td></tr>")
-    return ("<table><tr><th>trigger</th><th>status</th><th>gen</th><th>rows</th><th>rej.</th><th>took</th>"
-            "<th>started (UTC)</th></tr>" + "".join(rows) + "</table>")
+    return ("<table><tr><th style='width:17%'>trigger</th><th style='width:19%'>status</th><th style='width:8%'>gen"
+            "</th><th style='width:14%'>rows</th><th style='width:9%'>rej.</th><th style='width:11%'>took</th>"
+            "<th style='width:22%'>started UTC</th></tr>" + "".join(rows) + "</table>")
 
 
 def _cell(day: dict[str, Any], today: str) -> str:
