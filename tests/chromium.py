@@ -99,7 +99,9 @@ class Browser:
                             ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
         await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=box[0], y=box[1])
 
-    async def screenshot(self, path: Path) -> Path:
-        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
+    async def screenshot(self, path: Path, clip: tuple[int, int] | None = None) -> Path:
+        """A PNG of the viewport, or of its top-left `clip` (width, height) pixels."""
+        extra = {"clip": {"x": 0, "y": 0, "width": clip[0], "height": clip[1], "scale": 1}} if clip else {}
+        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=False, **extra)
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
