@@ -167,7 +167,7 @@ def test_a_pipe_closed_early_exits_quietly(tmp_path, warehouse):
     proc = subprocess.run([sys.executable, "-m", "ingestd", "-c", str(cfg), "status", "--days", "400"],
                           stdout=write, stderr=subprocess.PIPE, env=cli_env(), timeout=60)
     os.close(write)
-    assert proc.stderr == b"" and proc.returncode == 141, proc.stderr.decode()
+    assert proc.stderr == b"" and proc.returncode == 0, proc.stderr.decode()
     shell = subprocess.run(f"'{sys.executable}' -m ingestd -c '{cfg}' status --days 400 | head -3", shell=True,
                            capture_output=True, text=True, env=cli_env(), timeout=60)
     assert len(shell.stdout.splitlines()) == 3 and "Traceback" not in shell.stderr and "Broken" not in shell.stderr

@@ -129,6 +129,12 @@ def test_control_api_commands_and_bad_requests_change_nothing(daemon):
     wait_for(lambda: ("backfill", "succeeded") in [(t, s) for _, t, s in runs(folder)], what="the backfill's load")
     status, answer, _ = daemon.post("/api/v1/backfill", good)  # the same request again: no request_id, so a new one
     assert status == 202
+    status, answer, _ = daemon.post("/api/v1/backfill", {**good, "request_id": "r-1"})
+    assert status == 202 and answer["data"]["created"] is True
+    status, answer, _ = daemon.post("/api/v1/backfill", {**good, "request_id": "r-1"})  # the same id again: runs once
+    assert status == 202 and answer["data"]["created"] is False
+    status, answer, _ = daemon.post("/api/v1/backfill", {**good, "request_id": "r-1", "to": YESTERDAY.isoformat()})
+    assert status == 409 and answer["error"].startswith("conflict"), answer
     status, answer, _ = daemon.post("/api/v1/ready", {"source": "orders", "day": YESTERDAY.isoformat()})
     assert status == 202 and answer["data"]["trigger"] == "ready", answer
     status, answer, _ = daemon.post("/api/v1/reload", {"source": "orders", "day": OLDER.isoformat()})

@@ -6,13 +6,15 @@ subcommand's positionals may follow its options."""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from ..core.errors import ConfigErrors, IngestdError, StateError
 from ..core.memory import use_system_memory_pool
+from ..core.secrets import scrub
 from ..plugin import API_VERSION
 from . import commands  # noqa: F401  (registers every subcommand)
 from .registry import EXIT_FAILED, EXIT_USAGE, OPTIONS, REGISTERED, ingestd_version
@@ -64,27 +66,49 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_broken_pipe() -> int:
-    """The reader of our output went away (`ingestd status | head -3`): stop quietly. Later
-    writes (the interpreter's flush at exit) go nowhere instead of raising again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    return 141  # as a process that SIGPIPE ended: 128 + 13
+class ScrubbedStream(io.TextIOBase):
+    """stdout or stderr with every configured secret masked, whatever a command prints."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(scrub(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # TextIOBase declares it read-only
+        return self.stream.encoding
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout = ScrubbedStream(sys.stdout)
+    sys.stderr = ScrubbedStream(sys.stderr)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `ingestd status | head -3`: the reader is gone, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     OPTIONS.log_level = args.log_level
     use_system_memory_pool()
     try:
         code = int(args.handler(args))
-        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught by main()
         return code
-    except BrokenPipeError:
-        return _quiet_broken_pipe()
     except ConfigErrors as exc:
         print("configuration error:", file=sys.stderr)
         for e in exc.errors:

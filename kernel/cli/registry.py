@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +14,7 @@ from typing import ClassVar, TextIO, cast
 
 from ..core import logs
 from ..core.config import Config, load_config
+from ..core.secrets import register
 from ..plugin.manager import LoadedPlugins, load_plugins
 from . import terminal
 
@@ -65,10 +67,13 @@ class Command:
 
 
 def setup(path: str, *, log_to: TextIO = sys.stderr) -> tuple[Config, LoadedPlugins]:
-    """Plugins loaded, the config read and validated, logging configured (at `--log-level` when
-    given, else `[daemon] log_level`), above a progress bar when one is drawn."""
+    """Plugins loaded, the config read and validated, its secrets registered for scrubbing, files
+    this process creates readable by their owner only (`[daemon] umask`), logging configured (at
+    `--log-level` when given, else `[daemon] log_level`), above a progress bar when one is drawn."""
     plugins = load_plugins()
     config = load_config(path, plugins.registry, plugins.errors())
+    register(config.secrets())
+    os.umask(int(config.daemon.umask, 8))
     logs.configure(OPTIONS.log_level or config.daemon.log_level, stream=cast(TextIO, terminal.LogStream(log_to)))
     return config, plugins
 

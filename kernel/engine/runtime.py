@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from ..core.config import Config
 from ..core.contracts import Connector, Observer, Sink
 from ..core.errors import ConfigError, ConfigErrors, IngestdError
 from ..core.events import Event
+from ..core.secrets import SECRETS, scrub_value
 from ..plugin.manager import LoadedPlugins
 from .job import Job
 from .state import StateStore
@@ -51,7 +53,7 @@ class Dispatcher:
         self.hook_failures: dict[str, int] = {}
 
     def __call__(self, events: list[Event]) -> None:
-        for event in events:
+        for event in (_scrubbed(e) for e in events):
             fields = {"source": event.source, "day": event.day.isoformat() if event.day else None,
                       "run_id": event.run_id, **event.data}
             getattr(log, LOG_LEVELS.get(event.type, "info"))(
@@ -76,6 +78,14 @@ class Dispatcher:
 
 
 R = TypeVar("R", bound=Connector | Sink)
+
+
+def _scrubbed(event: Event) -> Event:
+    """The event as observers and logs may see it: no configured secret in its texts."""
+    if not SECRETS:
+        return event
+    return dataclasses.replace(event, data=scrub_value(event.data),
+                               source=scrub_value(event.source) if event.source else event.source)
 
 
 class _Shared(Generic[R]):

@@ -256,6 +256,6 @@ class HttpServer:
             return _json(answer("error", error=f"body is not strict JSON: {exc}"), 400)
         result = await handle(self.control, command, body, limit)
         log.info("http.request", command=command, status=result["status"], error=result["error"])
-        if result["status"] != "ok":
-            return _json(result, 400)
+        if result["status"] != "ok":  # a request_id reused for another request is a conflict
+            return _json(result, 409 if (result["error"] or "").startswith("conflict") else 400)
         return _json(result, 202 if command in ACCEPTED else 200)
