@@ -19,7 +19,7 @@ import aiomqtt
 import pytest
 
 from tests.broker import Mosquitto
-from tests.support import cli_env, ingestd, spawn_ingestd, state_query, wait_for, write_config
+from tests.support import cli_env, ingestd, state_query, wait_for, write_config
 from tests.test_bus import Collector, bus_config, request, start_daemon, stop_daemon
 
 D = dt.date(2026, 11, 20)

@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from ..core.config import BusSection
-from .mqtt import base_topic, make_client, send_without_delay, publish_properties
+from .mqtt import base_topic, make_client, publish_properties, send_without_delay
 
 
 async def send_request(bus: BusSection, instance: str, command: str, body: dict[str, Any], *, timeout: float = 10.0,
