@@ -256,9 +256,9 @@ def test_the_last_events_of_a_burst_arrive_without_waiting_for_the_fallback_poll
     try:
         wait_for(lambda: online(watcher), what="online")
         for i in range(5):
-            ingestd_request = asyncio.run(request(broker.port, "reload", {"source": "orders",
-                                                                          "day": (D - dt.timedelta(days=i)).isoformat()}))
-            assert ingestd_request[0]["status"] == "ok"
+            day = (D - dt.timedelta(days=i)).isoformat()
+            answer, _, _ = asyncio.run(request(broker.port, "reload", {"source": "orders", "day": day}))
+            assert answer["status"] == "ok"
         wait_for(lambda: len(watcher.events("load.succeeded")) == 5, timeout=10, what="five loads")
         committed = max(dt.datetime.fromisoformat(e["at"]) for e in watcher.events("load.succeeded"))
         received = dt.datetime.now(dt.UTC)
