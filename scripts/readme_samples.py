@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- samples:begin -->", "<!-- samples:end -->"
 MODULES = ["ingestd.plugins.duckdb.connector", "ingestd.plugins.redshift.connector", "ingestd.plugins.snowflake.connector", "ingestd.plugins.bigquery.connector",
+           "ingestd.plugins.databricks.connector",
            "ingestd.plugins.duckdb_sink.sink", "ingestd.plugins.sqlite_sink.sink"]
 
 
