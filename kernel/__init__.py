@@ -9,12 +9,13 @@ from .core.contracts import (Capabilities, Connector, Kind, PartitionInfo, Probe
                         SourceInfo, Target)
 from .core.errors import (ConfigError, ConfigErrors, ConnectorError, IngestdError, PermanentError, PluginError,
                      SinkError, TransientError)
-from .core.events import (BackfillAccepted, BackfillDone, BackfillProgress, CheckChanged, CheckUnchanged,
+from .core.events import (BackfillAccepted, BackfillDone, BackfillProgress, CheckChanged, CheckHeld, CheckUnchanged,
                      DaemonStarted, DaemonStopping, Event, LoadEmpty, LoadFailed, LoadStarted,
                      LoadSucceeded)
 from .core.models import Secret, build_model
 from .core.query import DayQuery, DayWindow, day_query, quote_ident
 from .core.schema import EVENTS_SCHEMA, METRICS_SCHEMA, SCHEMAS
+from .core.streams import Outlet, Rechunker, ThreadSession, ThreadStream, rechunk
 
 from .plugin import API_VERSION, hookimpl  # a plugin declares INGESTD_API = (min, max), inclusive
 from .plugin.configured import configured_sink
@@ -25,9 +26,10 @@ __all__ = [
     "PartitionInfo", "Kind", "DayQuery", "DayWindow", "day_query", "quote_ident",
     "EVENTS_SCHEMA", "METRICS_SCHEMA", "SCHEMAS",
     "Secret", "build_model", "configured_sink",
+    "ThreadStream", "Outlet", "ThreadSession", "Rechunker", "rechunk",
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",
-    "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged",
+    "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged", "CheckHeld",
     "CheckUnchanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",
     "DaemonStopping",
 ]

@@ -1,5 +1,5 @@
-"""Copy every built-in plugin's sample configuration (the indented `[connections.NAME]` or
-`[sinks.NAME]` block of its module docstring) into README.md between the sample markers.
+"""Copy every built-in plugin's sample configuration (`plugins/NAME/sample.toml`) into
+README.md between the sample markers: connectors first, then sinks, each by name.
 
     python scripts/readme_samples.py          # rewrite README.md
     python scripts/readme_samples.py --check  # exit 1 if README.md is out of date
@@ -7,41 +7,37 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- samples:begin -->", "<!-- samples:end -->"
-MODULES = ["ingestd.plugins.duckdb.connector", "ingestd.plugins.redshift.connector", "ingestd.plugins.snowflake.connector", "ingestd.plugins.bigquery.connector",
-           "ingestd.plugins.databricks.connector",
-           "ingestd.plugins.duckdb_sink.sink", "ingestd.plugins.sqlite_sink.sink"]
+SECTIONS = ("[connections.", "[sinks.")
 
 
-def sample(module_name: str) -> str:
-    doc = importlib.import_module(module_name).__doc__ or ""
-    lines = doc.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip().startswith(("[connections.", "[sinks."))), None)
-    if start is None:
-        raise SystemExit(f"{module_name}: no sample configuration block in its docstring")
-    block = []
-    for line in lines[start:]:
-        if line.strip() and not line.startswith("    "):
-            break
-        block.append(line[4:])
-    return "\n".join(block).strip()
+def section(text: str) -> str:
+    """The sample's table header: `[connections.NAME]` or `[sinks.NAME]`."""
+    for line in text.splitlines():
+        if line.startswith(SECTIONS):
+            return line.strip()
+    raise ValueError("no [connections.NAME] or [sinks.NAME] table")
+
+
+def samples() -> list[Path]:
+    """Every plugin folder's sample.toml, connectors first, then sinks, by folder name."""
+    found = sorted((ROOT / "plugins").glob("*/sample.toml"))
+    return sorted(found, key=lambda p: (not section(p.read_text()).startswith(SECTIONS[0]), p.parent.name))
 
 
 def render() -> str:
     parts = [BEGIN]
-    for name in MODULES:
-        parts.append(f"\n`{name.replace('.', '/')}.py`:\n\n```toml\n{sample(name)}\n```")
+    for path in samples():
+        parts.append(f"\n### `{path.relative_to(ROOT)}`\n\n```toml\n{path.read_text().strip()}\n```")
     parts.append(END)
     return "\n".join(parts)
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT))
     readme = (ROOT / "README.md").read_text()
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)

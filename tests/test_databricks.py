@@ -51,7 +51,7 @@ from ingestd.core.schema import Mapping, RowMapper
 from ingestd.testing import ConnectorSuite
 import ingestd.plugins.databricks as databricks_plugin
 from ingestd.plugins.databricks import connector as dbx
-from ingestd.plugins.databricks.connector import DatabricksConfig, DatabricksConnector, _Rechunker, normalize, translate
+from ingestd.plugins.databricks.connector import DatabricksConfig, DatabricksConnector, normalize, translate
 from tests.databricks_proxy import DatabricksProxy
 from tests.spark_thrift import free_port, spark_server  # noqa: F401  (spark_server: the session fixture)
 from tests.support import ROOT, cli_env, ingestd, sink_rows, state_query
@@ -249,37 +249,30 @@ def test_the_plugin_imports_without_the_driver_and_says_how_to_install_it():
     assert "pip install 'ingestd[databricks]'" in out.stdout
 
 
-def docstring_sample() -> str:
-    doc = dbx.__doc__
-    start = doc.index("    [connections.NAME]")
-    return textwrap.dedent(doc[start:doc.index("\nSessions.", start)]).strip()
-
-
-def test_sample_toml_is_the_docstring_sample_and_every_key_is_valid(monkeypatch):
+def test_sample_toml_says_the_defaults_and_its_other_ways_to_log_in_build(monkeypatch):
+    """tests/test_readme.py checks every sample as written and with all its keys uncommented; here:
+    each commented-out key shows its default, and each way to log in builds on its own."""
     sample = (PLUGIN_FILE.parent / "sample.toml").read_text()
-    body = "\n".join(line for line in sample.splitlines() if not line.startswith("# ") or " = " in line)
-    assert docstring_sample() in sample and body.strip().endswith(docstring_sample().splitlines()[-1])
     monkeypatch.setenv("DATABRICKS_TOKEN", "dapi-x")
     monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", "s")
     table = tomllib.loads(sample)["connections"]["NAME"]
     assert table.pop("type") == "databricks"
-    cfg = build_model(DatabricksConfig, table, "connections.NAME")
-    assert cfg.access_token.reveal() == "dapi-x"
+    assert build_model(DatabricksConfig, table, "connections.NAME").access_token.reveal() == "dapi-x"
     commented = {}
-    for line in docstring_sample().splitlines():
+    for line in sample.splitlines():
         if line.startswith("# ") and " = " in line:
             commented.update(tomllib.loads(line[2:]))
-    known = set(DatabricksConfig.__dataclass_fields__)
-    assert all(k in known or k.removesuffix("_env").removesuffix("_file") in known for k in commented), commented
     defaults = DatabricksConfig("h", "/p")
-    for key, value in commented.items():
-        if key in ("port", "fingerprint", "timestamp_ntz_zone", "use_cloud_fetch", "retry_seconds",
-                   "socket_timeout_seconds", "session_configuration", "query_tags", "user_agent_entry"):
-            assert getattr(defaults, key) == value, f"{key}: the sample says {value!r}, the default is " \
-                                                    f"{getattr(defaults, key)!r}"
-    m2m = {k: v for k, v in table.items() if k != "access_token_env"}
-    m2m.update(client_id=commented["client_id"], client_secret_env=commented["client_secret_env"])
-    assert build_model(DatabricksConfig, m2m, "c").client_secret.reveal() == "s"
+    for key in ("port", "fingerprint", "timestamp_ntz_zone", "use_cloud_fetch", "retry_seconds",
+                "socket_timeout_seconds", "session_configuration", "query_tags", "user_agent_entry"):
+        assert getattr(defaults, key) == commented[key], f"{key}: the sample says {commented[key]!r}, the default " \
+                                                          f"is {getattr(defaults, key)!r}"
+    base = {k: v for k, v in table.items() if k != "access_token_env"}
+    m2m = build_model(DatabricksConfig, {**base, "client_id": commented["client_id"],
+                                         "client_secret_env": commented["client_secret_env"]}, "c")
+    assert m2m.client_secret.reveal() == "s"
+    provider = build_model(DatabricksConfig, {**base, "credentials_provider": commented["credentials_provider"]}, "c")
+    assert provider.credentials_provider == "mycompany.databricks_auth:provider"
 
 
 def test_config_defaults_secrets_and_host_forms(tmp_path):
@@ -586,17 +579,6 @@ def test_normalize_reads_naive_timestamps_in_the_ntz_zone_and_nested_values_as_j
     assert out.schema.field("i").type == pa.int64() and out.schema.field("f").type == pa.float64()
     assert [json.loads(out.column(c)[0].as_py()) for c in ("l", "m", "s")] == [[1, 2], {"a": 1},
                                                                                {"x": 1, "d": "2026-01-02"}]
-
-
-@pytest.mark.parametrize("sizes, batch_rows", [([1, 7, 250, 3, 0, 1000, 2], 100), ([5000], 64), ([3, 3, 3], 9)])
-def test_the_rechunker_gives_full_batches_in_order(sizes, batch_rows):
-    rechunker, out, start = _Rechunker(batch_rows), [], 0
-    for n in sizes:
-        out += list(rechunker.push(pa.table({"i": pa.array(range(start, start + n), pa.int64())})))
-        start += n
-    out += list(rechunker.flush())
-    assert [b.num_rows for b in out[:-1]] == [batch_rows] * (len(out) - 1)
-    assert [v for b in out for v in b.column("i").to_pylist()] == list(range(start))
 
 
 # -- the daemon end to end -------------------------------------------------------------------

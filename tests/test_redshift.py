@@ -28,6 +28,7 @@ from ingestd.core.schema import Mapping, RowMapper
 from ingestd.testing import ConnectorSuite
 import ingestd.plugins.redshift as redshift_plugin
 from ingestd.plugins.redshift import connector as redshift
+from ingestd.plugins.redshift import fast_rows
 from ingestd.plugins.redshift.connector import RedshiftConfig, RedshiftConnector, connect_kwargs
 from tests.pg_proxy import RedshiftProxy
 from tests.postgres import postgres_cluster  # noqa: F401  (module-scoped fixture)
@@ -362,14 +363,56 @@ async def test_timestamps_decoded_from_wire_integers_equal_the_drivers_own_datet
         cur.execute("SET timezone TO 'UTC'")
         cur.execute(query)
         expected = cur.fetchall()
-        assert {1114, 1184, 1043} <= redshift.use_raw_values(con), "this driver version keeps its own decoders"
-        assert redshift.use_fast_data_rows(con), "this driver version keeps its own DataRow handler"
     finally:
         con.close()
     assert len(got) == len(expected) == 10
     for row, (n, ts, tz) in zip(got, expected):
         tz = tz if tz is None or tz.tzinfo else tz.replace(tzinfo=dt.UTC)  # the driver's clamp drops the zone
         assert (row["n"], row["ts"], row["tz"]) == (n, ts, tz), n
+
+
+def test_the_driver_internals_the_connector_relies_on_are_still_there(proxy):
+    """fast_rows.py patches redshift-connector internals (its docstring lists them and why), and
+    the connector's cancel path and NUMERIC types read a few more. A driver release that changed
+    one would quietly fall back to the driver's slow decoding, or lose the server-side cancel:
+    this fails instead, naming each internal that changed."""
+    import importlib.metadata
+    import redshift_connector
+
+    con = redshift_connector.connect(host=proxy.host, port=proxy.port, database=DB, user=USER, password=PASSWORD,
+                                     ssl=False)
+    try:
+        cur = con.cursor()
+        cur.execute("SELECT 1::int AS n, now()::timestamp AS ts, now() AS tz, 'x'::varchar AS s, "
+                    "1.5::numeric(5, 2) AS d")
+        cur.fetchall()
+        changed = fast_rows.internals_changed(con, cur)
+        usock, key = getattr(con, "_usock", None), getattr(con, "_backend_key_data", None)
+        if not all(callable(getattr(usock, m, None)) for m in ("getpeername", "settimeout", "shutdown")):
+            changed.append(f"Connection._usock (the socket the cancel request and the session timeout use) is {usock!r}")
+        if not isinstance(key, (bytes, bytearray)) or len(key) != 8:
+            changed.append(f"Connection._backend_key_data (the key a CancelRequest sends) is {key!r}")
+        row_desc = (getattr(cur, "ps", None) or {}).get("row_desc") or []
+        if len(row_desc) != 5 or row_desc[4].get("type_modifier") != ((5 << 16) | 2) + 4:
+            changed.append("Cursor.ps['row_desc'][i]['type_modifier'] (NUMERIC precision and scale) is gone")
+        patched = fast_rows.use_raw_values(con), fast_rows.use_fast_data_rows(con)
+    finally:
+        con.close()
+    version = importlib.metadata.version("redshift-connector")
+    assert not changed, (f"redshift-connector {version} changed internals the Redshift connector relies on "
+                         "(see plugins/redshift/fast_rows.py):\n" + "\n".join(changed))
+    assert patched == (frozenset(fast_rows.RAW_DECODERS), True)
+
+
+def test_a_changed_internal_is_named():
+    driver_like = SimpleNamespace(
+        redshift_types={1114: (1, lambda data, offset, length: 0)},
+        message_types={b"D": lambda data, cursor: None})
+    changed = "\n".join(fast_rows.internals_changed(driver_like))
+    assert "Connection.redshift_types[1114]: the decoder is <lambda>, no longer timestamp_recv_integer" in changed
+    assert "Connection.redshift_types[1043] is missing (expected the decoder text_recv)" in changed
+    assert "Connection.message_types[b'D'] is '<lambda>', no longer handle_DATA_ROW" in changed
+    assert fast_rows.use_raw_values(driver_like) == frozenset() and not fast_rows.use_fast_data_rows(driver_like)
 
 
 def test_numeric_types_follow_the_declared_precision():

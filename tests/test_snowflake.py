@@ -1,6 +1,6 @@
 """The Snowflake connector with the real snowflake-connector-python, over HTTP, against fakesnow's
 server on loopback (tests/fakesnow_server.py): the conformance kit, the daemon end to end, auth,
-sessions, errors, types, cancellation and the re-chunker.
+sessions, errors, types and cancellation.
 
 What fakesnow cannot show, and how it is tested instead:
 
@@ -15,7 +15,8 @@ What fakesnow cannot show, and how it is tested instead:
   reason (it runs as soon as the server has HASH_AGG); the other tests use `fingerprint = false`.
 - fakesnow ignores session parameters: QUERY_TAG and TIMEZONE are checked in what the driver sent
   at login. TIMESTAMP_NTZ read in the source's zone is the connector's own doing, checked on data.
-- fakesnow returns a result as one chunk: the re-chunker is tested directly on uneven tables.
+- fakesnow returns a result as one chunk: the re-chunker (`ingestd.Rechunker`) is tested directly
+  on uneven tables in tests/test_streams.py.
 - fakesnow runs every query at once: the test server keeps a query holding `ingestd_test_slow`
   RUNNING until the client aborts it, to check that cancelling aborts the query in Snowflake.
 """
@@ -44,7 +45,7 @@ from ingestd.core.schema import Mapping, RowMapper
 from ingestd.testing import ConnectorSuite
 import ingestd.plugins.snowflake as snowflake_plugin
 from ingestd.plugins.snowflake import connector as sf_plugin
-from ingestd.plugins.snowflake.connector import (Rechunker, SnowflakeConfig, SnowflakeConnector, _Pump, identifier, normalize,
+from ingestd.plugins.snowflake.connector import (SnowflakeConfig, SnowflakeConnector, identifier, normalize,
                                translate)
 from tests.fakesnow_server import FakeSnowServer, free_port
 from tests.support import ROOT, cli_env, ingestd, sink_rows, state_query
@@ -194,14 +195,11 @@ def test_the_plugin_imports_without_the_driver_and_says_how_to_install_it(tmp_pa
 
 
 def sample_config() -> str:
-    """The commented sample in the plugin's docstring, as TOML."""
-    doc = sf_plugin.__doc__
-    start = doc.index("    [connections.NAME]")
-    block = doc[start:doc.index("\nSessions.", start)]
-    return textwrap.dedent(block)
+    """The plugin's documented sample configuration (plugins/snowflake/sample.toml)."""
+    return (ROOT / "plugins" / "snowflake" / "sample.toml").read_text()
 
 
-def test_the_sample_config_in_the_docstring_is_valid_and_every_commented_key_exists(monkeypatch):
+def test_the_sample_config_is_valid_and_every_commented_key_exists(monkeypatch):
     monkeypatch.setenv("SNOWFLAKE_PASSWORD", "pw")
     monkeypatch.setenv("SNOWFLAKE_KEY_PASSPHRASE", "pp")
     table = tomllib.loads(sample_config())["connections"]["NAME"]
@@ -543,30 +541,6 @@ async def test_closing_a_stream_midway_stops_the_worker_and_keeps_the_session(se
     await c.close()
 
 
-async def test_the_pump_holds_at_most_its_depth_and_gives_up_when_stopped():
-    pump = _Pump(asyncio.get_running_loop(), depth=2)
-    produced = []
-
-    def producer():
-        for i in range(100):
-            if not pump.put(i):
-                return
-            produced.append(i)
-        pump.end()
-
-    thread = threading.Thread(target=producer)
-    thread.start()
-    got = []
-    for _ in range(5):
-        got.append(await pump.get())
-        await asyncio.sleep(0.05)
-        assert len(produced) - len(got) <= 2, "the worker never runs more than two batches ahead"
-    pump.stop()
-    await asyncio.to_thread(thread.join, 5)
-    assert not thread.is_alive()
-    assert got == [0, 1, 2, 3, 4] and len(produced) <= 8
-
-
 # -- types -----------------------------------------------------------------------------------
 
 TYPED = """
@@ -647,48 +621,6 @@ async def test_timestamp_ntz_zone_can_say_the_columns_hold_utc(server, db, sf):
     batches = [b async for b in c.fetch(query, 10)]
     assert [v for b in batches for v in b.column(0).to_pylist()] == [  # the LA day is [07:00Z, 07:00Z)
         dt.datetime(2026, 3, 10, 23, 30, tzinfo=dt.UTC), dt.datetime(2026, 3, 11, tzinfo=dt.UTC)]
-
-
-# -- the re-chunker --------------------------------------------------------------------------
-
-def numbered(start: int, n: int, int_type=pa.int64()) -> pa.Table:
-    return pa.table({"i": pa.array(range(start, start + n), int_type),
-                     "s": pa.array([f"r{k}" for k in range(start, start + n)])})
-
-
-@pytest.mark.parametrize("sizes, batch_rows", [
-    ([1, 7, 250, 3, 0, 1000, 2], 100),
-    ([5000], 64),
-    ([1] * 37, 10),
-    ([3, 3, 3], 9),
-    ([0, 0], 5),
-    ([99, 1, 100, 101], 100),
-])
-def test_the_rechunker_gives_full_batches_in_order_whatever_the_chunk_sizes(sizes, batch_rows):
-    rechunker = Rechunker(batch_rows)
-    out, start = [], 0
-    for n in sizes:
-        out += list(rechunker.push(numbered(start, n)))
-        start += n
-    out += list(rechunker.flush())
-    assert all(isinstance(b, pa.RecordBatch) for b in out)
-    assert [b.num_rows for b in out[:-1]] == [batch_rows] * (len(out) - 1)
-    assert (out[-1].num_rows if out else 0) == (start - 1) % batch_rows + 1 if start else out == []
-    assert [v for b in out for v in b.column("i").to_pylist()] == list(range(start))
-
-
-def test_the_rechunker_reads_multi_chunk_tables_and_conforms_later_schemas():
-    table = pa.concat_tables([numbered(0, 30), numbered(30, 45)])
-    assert table.column("i").num_chunks == 2
-    rechunker = Rechunker(50)
-    out = list(rechunker.push(table)) + list(rechunker.push(numbered(75, 10, pa.int32()))) + list(rechunker.flush())
-    assert [b.num_rows for b in out] == [50, 35]
-    assert all(b.schema.field("i").type == pa.int64() for b in out)
-    assert [v for b in out for v in b.column("i").to_pylist()] == list(range(85))
-    with pytest.raises(PermanentError, match="changed type between chunks"):
-        list(rechunker.push(pa.table({"i": pa.array(["x"]), "s": pa.array(["y"])})))
-    with pytest.raises(ValueError):
-        Rechunker(0)
 
 
 def test_normalize_lowercases_snowflake_names_and_puts_timestamps_in_utc():

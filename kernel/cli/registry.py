@@ -59,6 +59,16 @@ def date_arg(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
+def days_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return value
+
+
 def instant_arg(text: str) -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))

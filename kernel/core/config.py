@@ -64,12 +64,16 @@ class BusSection:
     max_payload_bytes: int = 65536
 
 
+DEFAULT_RECHECK_SCHEDULE = ["0 */6 * * *"]
+
+
 @dataclass
 class RecheckSection:
-    """`[sources.NAME.recheck]`: re-check windows and what counts as a change."""
+    """`[sources.NAME.recheck]`: re-check windows and what counts as a change. On by default
+    (every 6 hours over the last 3 days); `schedule = []` turns re-checks off."""
 
-    schedule: list[str] = field(default_factory=list)
-    lookback_days: int = 7
+    schedule: list[str] = field(default_factory=lambda: list(DEFAULT_RECHECK_SCHEDULE))
+    lookback_days: int = 3
     threshold_pct: float = 1.0
     detect: Literal["count", "checksum"] = "count"
 
@@ -93,6 +97,9 @@ class SourceSection:
     timezone: str = "UTC"
     lag_days: int = 1
     max_reject_pct: float = 1.0
+    hold_drop_pct: float | None = None
+    """Hold an automatic reload (scheduled, re-check) that would remove more than this share of a
+    day's rows, until the user confirms it (`ingestd load`, a `reload` request). Off when unset."""
     ready_query: str | None = None
     batch_rows: int | None = None
     enabled: bool = True
@@ -284,6 +291,8 @@ def _check_source(name: str, src: SourceSection, sinks: dict, connections: dict,
         errors.append(ConfigError(f"{where}.lag_days", "must not be negative"))
     if not 0 <= src.max_reject_pct <= 100:
         errors.append(ConfigError(f"{where}.max_reject_pct", "must be between 0 and 100"))
+    if src.hold_drop_pct is not None and not 0 <= src.hold_drop_pct <= 100:
+        errors.append(ConfigError(f"{where}.hold_drop_pct", "must be between 0 and 100"))
     if src.batch_rows is not None and src.batch_rows < 1:
         errors.append(ConfigError(f"{where}.batch_rows", "must be at least 1"))
     try:

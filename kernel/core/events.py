@@ -42,21 +42,25 @@ class LoadStarted(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class LoadSucceeded(Event):
-    """A partition now holds a new generation. data: trigger, generation, rows, rejected, duration_ms."""
+    """A partition now holds a new generation. data: trigger, generation, rows, fetched, rejected,
+    duration_ms, first_load, previous_rows (when a generation was served before: a day emptied in
+    the warehouse succeeds with rows 0)."""
 
     type: ClassVar[str] = "load.succeeded"
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoadEmpty(Event):
-    """The day had no rows (not landed yet); nothing was written. data: trigger."""
+    """The day is not ready, so nothing was written: no rows yet, or its `ready_query` said no.
+    data: trigger, reason, source_rows."""
 
     type: ClassVar[str] = "load.empty"
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoadFailed(Event):
-    """A load failed; the previous generation stays. data: trigger, reason, transient."""
+    """A load failed; the previous generation stays. data: trigger, reason, transient, generation,
+    serving (the generation still served, if any)."""
 
     type: ClassVar[str] = "load.failed"
 
@@ -66,6 +70,15 @@ class CheckChanged(Event):
     """A re-check found a loaded day changed. data: loaded_rows, rows, change_pct, fingerprint_changed."""
 
     type: ClassVar[str] = "check.changed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckHeld(Event):
+    """A reload the daemon started on its own would remove more than the source's
+    `hold_drop_pct` of a day's rows; the served generation stays until the user confirms with
+    `ingestd load` or a `reload` request. data: loaded_rows, rows, drop_pct, confirm. Since API 2."""
+
+    type: ClassVar[str] = "check.held"
 
 
 @dataclass(frozen=True, kw_only=True)

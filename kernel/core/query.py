@@ -71,6 +71,28 @@ def quote_ident(name: str, quote: str = '"') -> str:
     return f"{quote}{name.replace(close, close + close)}{close}"
 
 
+EPOCH_UNITS: dict[str, int] = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+"""Integer epoch timestamps: units per second (`mapping.timestamp_unit`)."""
+
+AUTO_UNIT_BOUNDS = (100_000_000_000, 100_000_000_000_000, 100_000_000_000_000_000)
+"""`timestamp_unit = "auto"`: |value| below 1e11 is seconds, below 1e14 milliseconds, below 1e17
+microseconds, else nanoseconds. Exact for times after 1973-03-03 (1e11 ms), and in seconds up to
+the year 5138; a millisecond, microsecond or nanosecond time before March 1973 is misread."""
+
+
+def epoch(t: dt.datetime, unit: str) -> int:
+    """A naive UTC datetime as an integer count of `unit` since 1970-01-01."""
+    delta = t - dt.datetime(1970, 1, 1)
+    return (delta.days * 86_400 + delta.seconds) * EPOCH_UNITS[unit] + delta.microseconds * EPOCH_UNITS[unit] // 1_000_000
+
+
+def auto_seconds(column: str) -> str:
+    """SQL: an integer epoch column of any unit, in whole seconds (see AUTO_UNIT_BOUNDS)."""
+    s, ms, us = AUTO_UNIT_BOUNDS
+    return (f"(CASE WHEN ABS({column}) < {s} THEN {column} WHEN ABS({column}) < {ms} THEN {column} / 1000 "
+            f"WHEN ABS({column}) < {us} THEN {column} / 1000000 ELSE {column} / 1000000000 END)")
+
+
 def render(
     sql: str,
     window: DayWindow,
@@ -78,19 +100,33 @@ def render(
     *,
     filter_column: str | None = None,
     filter_kind: Literal["timestamp", "date"] = "timestamp",
+    timestamp_unit: str | None = None,
     quote: str = '"',
 ) -> DayQuery:
-    """Bind a source query to one day in the connector's parameter style."""
+    """Bind a source query to one day in the connector's parameter style. A query without
+    placeholders is wrapped and filtered on `filter_column`: a date column equals `{day}`; a
+    timestamp column lies in `[{start}, {end})`; an integer epoch column (`timestamp_unit`) too,
+    with the bounds bound as integers of that unit."""
     sql = sql.strip().rstrip(";").strip()
+    unit = None
     if not PLACEHOLDER.search(sql):
         if not filter_column:
             raise ValueError("query has no {day}/{start}/{end} placeholder and no column to filter on")
         col = f"ingestd_q.{quote_ident(filter_column, quote)}"
-        cond = f"{col} = {{day}}" if filter_kind == "date" else f"{col} >= {{start}} AND {col} < {{end}}"
+        if filter_kind == "date":
+            cond = f"{col} = {{day}}"
+        else:
+            if timestamp_unit == "auto":
+                col, unit = auto_seconds(col), "s"
+            elif timestamp_unit:
+                unit = timestamp_unit
+            cond = f"{col} >= {{start}} AND {col} < {{end}}"
         sql = f"SELECT * FROM ({sql}) ingestd_q WHERE {cond}"
     if style in ("format", "pyformat"):
         sql = sql.replace("%", "%%")
     values = window.values()
+    if unit:
+        values.update(start=epoch(window.start, unit), end=epoch(window.end, unit))
     names: list[str] = []
 
     def substitute(match: re.Match) -> str:
@@ -123,11 +159,11 @@ SLICE_ALIAS = "ingestd_s"
 
 
 def day_query(sql: str, window: DayWindow, style: QueryStyle, *, filter_column: str | None = None,
-              filter_kind: Literal["timestamp", "date"] = "timestamp") -> DayQuery:
+              filter_kind: Literal["timestamp", "date"] = "timestamp", timestamp_unit: str | None = None) -> DayQuery:
     """`sql` bound to one day for a connector with these capabilities: the one way a day query is
     built, for loads, probes, ready queries and the conformance kit (`day_queries` for slices)."""
     return render(sql, window, style.paramstyle, filter_column=filter_column, filter_kind=filter_kind,
-                  quote=style.quote)
+                  timestamp_unit=timestamp_unit, quote=style.quote)
 
 
 def sub_windows(window: DayWindow, k: int) -> list[DayWindow]:
@@ -142,7 +178,8 @@ def sub_windows(window: DayWindow, k: int) -> list[DayWindow]:
 
 def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int = 1,
                 slice_column: str | None = None, filter_column: str | None = None,
-                filter_kind: Literal["timestamp", "date"] = "timestamp") -> list[DayQuery]:
+                filter_kind: Literal["timestamp", "date"] = "timestamp",
+                timestamp_unit: str | None = None) -> list[DayQuery]:
     """The day query of `sql` cut into `slices` disjoint queries whose rows together are the day's.
 
     By time (no `slice_column`): `{start}`/`{end}` are bound to k equal sub-ranges of the day
@@ -150,7 +187,7 @@ def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int =
     query>) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s.<column>, k)), 0) = i`, the column quoted
     with the connector's own quote; ABS keeps negative values and COALESCE puts NULLs in slice 0.
     """
-    bind = dict(filter_column=filter_column, filter_kind=filter_kind)
+    bind = dict(filter_column=filter_column, filter_kind=filter_kind, timestamp_unit=timestamp_unit)
     if slices == 1:
         return [day_query(sql, window, style, **bind)]  # type: ignore[arg-type]
     if slice_column:

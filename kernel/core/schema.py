@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import ConfigError, PermanentError
-from .query import DayWindow, quote_ident
+from .query import AUTO_UNIT_BOUNDS, EPOCH_UNITS, DayWindow, epoch, quote_ident
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 MAX_NAME = 128
@@ -66,6 +66,10 @@ class Mapping:
 
     ids: dict[str, str] = field(default_factory=dict)
     timestamp: str | None = None
+    timestamp_unit: Literal["s", "ms", "us", "ns", "auto"] | None = None
+    """The timestamp column holds integer epochs in this unit ("auto": by magnitude, see
+    `ingestd.core.query.AUTO_UNIT_BOUNDS`). Unset: a timestamp, date or text column; a numeric one
+    is still read by magnitude, but a query without placeholders needs the unit to be filtered."""
     event_name: str | None = None
     event_value: str | None = None
     metadata: list[str] = field(default_factory=list)
@@ -93,7 +97,7 @@ class Mapping:
                 raise ConfigError("metric_value", "give metric_value, or numerator and denominator")
             if bool(self.numerator) != bool(self.denominator):
                 raise ConfigError("numerator", "numerator and denominator go together")
-            for key in ("timestamp", "event_name", "event_value", "metadata_json"):
+            for key in ("timestamp", "timestamp_unit", "event_name", "event_value", "metadata_json"):
                 if getattr(self, key):
                     raise ConfigError(key, "only for an events source")
             if self.metadata:
@@ -114,6 +118,13 @@ class Mapping:
             return self.timestamp, "timestamp"
         return self.date, "date"
 
+    def day_filter(self, kind: str) -> dict[str, Any]:
+        """How a query without placeholders is filtered to a day: the keyword arguments of
+        `ingestd.core.query.day_query` (filter_column, filter_kind, timestamp_unit)."""
+        column, filter_kind = self.filter_column(kind)
+        return {"filter_column": column, "filter_kind": filter_kind,
+                "timestamp_unit": self.timestamp_unit if kind == "events" else None}
+
 
 @dataclass
 class MappedBatch:
@@ -126,13 +137,41 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _timestamp_expr(col: str, arrow_type: pa.DataType) -> str:
-    if pa.types.is_timestamp(arrow_type) or pa.types.is_date(arrow_type):
+EARLIEST, LATEST = "1900-01-01", "2200-01-01"
+"""Timestamps outside [EARLIEST, LATEST) are not times an event happened at but values of the
+wrong kind (an epoch in another unit, a sentinel): rejected as `bad_timestamp`."""
+
+
+def _epoch_expr(col: str, unit: str) -> str:
+    """An integer or decimal epoch in `unit` as TIMESTAMPTZ, NULL when it is outside the
+    plausible range (so one absurd value is a rejected row, not a failed batch)."""
+    per_second = EPOCH_UNITS[unit]
+    lo = epoch(dt.datetime.fromisoformat(EARLIEST), unit)
+    hi = epoch(dt.datetime.fromisoformat(LATEST), unit)
+    micros = f"CAST(TRY_CAST({col} AS HUGEINT) * 1000000 // {per_second} AS BIGINT)"
+    return f"(CASE WHEN {col} >= {lo} AND {col} < {hi} THEN make_timestamptz({micros}) END)"
+
+
+def _timestamp_expr(col: str, arrow_type: pa.DataType, unit: str | None) -> str:
+    """The mapped timestamp column as TIMESTAMPTZ (NULL when it cannot be read as one). A DATE is
+    the start of that day in the source's time zone ($tz); a naive timestamp or text is UTC."""
+    if pa.types.is_date(arrow_type):
+        return f"timezone($tz, CAST({col} AS TIMESTAMP))"
+    if pa.types.is_timestamp(arrow_type):
         return f"CAST({col} AS TIMESTAMPTZ)"
     if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
-        return (f"(CASE WHEN abs({col}) >= 100000000000 THEN to_timestamp(CAST({col} AS DOUBLE) / 1000) "
-                f"ELSE to_timestamp(CAST({col} AS DOUBLE)) END)")
+        if unit and unit != "auto":
+            return _epoch_expr(col, unit)
+        s, ms, us = AUTO_UNIT_BOUNDS
+        parts = [(s, "s"), (ms, "ms"), (us, "us")]
+        cases = " ".join(f"WHEN abs({col}) < {bound} THEN {_epoch_expr(col, u)}" for bound, u in parts)
+        return f"(CASE {cases} ELSE {_epoch_expr(col, 'ns')} END)"
     return f"TRY_CAST(CAST({col} AS VARCHAR) AS TIMESTAMPTZ)"
+
+
+def _id(col: str) -> str:
+    """An id column as text, as it is; empty or whitespace-only counts as missing."""
+    return f"(CASE WHEN TRIM(CAST({col} AS VARCHAR)) <> '' THEN CAST({col} AS VARCHAR) END)"
 
 
 def _text(col: str | None) -> str:
@@ -176,16 +215,16 @@ class RowMapper:
         typ = lambda c: schema.field(c).type  # noqa: E731
         m = self.mapping
         id_cols = [(t, q(c)) for t, c in m.ids.items()]
-        unit = "COALESCE(" + ", ".join(_text(c) for _, c in id_cols) + ")"
-        id_type = "CASE " + " ".join(f"WHEN {c} IS NOT NULL THEN {_sql_str(t)}" for t, c in id_cols) + " END"
-        ids_obj = "json_object(" + ", ".join(f"{_sql_str(t)}, {_text(c)}" for t, c in id_cols) + ")"
+        unit = "COALESCE(" + ", ".join(_id(c) for _, c in id_cols) + ")"
+        id_type = "CASE " + " ".join(f"WHEN {_id(c)} IS NOT NULL THEN {_sql_str(t)}" for t, c in id_cols) + " END"
+        ids_obj = "json_object(" + ", ".join(f"{_sql_str(t)}, {_id(c)}" for t, c in id_cols) + ")"
         ids = f"CAST(json_merge_patch('{{}}', {ids_obj}) AS VARCHAR)"
         common = f"""
             $source AS source, CAST($day AS DATE) AS day,
             {unit} AS unit_id, {id_type} AS id_type, {ids} AS ids,
         """
         if self.kind == "events":
-            ts = _timestamp_expr(q(m.timestamp), typ(m.timestamp))
+            ts = _timestamp_expr(q(m.timestamp), typ(m.timestamp), m.timestamp_unit)
             name = _text(q(m.event_name))
             value = _text(q(m.event_value)) if m.event_value else _text(None)
             meta_parts = ", ".join(f"{_sql_str(c)}, {q(c)}" for c in m.metadata)
@@ -205,7 +244,8 @@ class RowMapper:
                 CAST($generation AS BIGINT) AS generation, $ingested_at AS ingested_at,
                 CASE
                     WHEN {raw_ts} IS NULL THEN 'missing_timestamp'
-                    WHEN {ts} IS NULL THEN 'bad_timestamp'
+                    WHEN {ts} IS NULL OR {ts} < TIMESTAMPTZ '{EARLIEST}' OR {ts} >= TIMESTAMPTZ '{LATEST}'
+                        THEN 'bad_timestamp'
                     WHEN {ts} < $start OR {ts} >= $end THEN 'timestamp_outside_day'
                     WHEN {name} IS NULL OR {name} = '' THEN 'missing_event_name'
                     WHEN length({name}) > {MAX_NAME} THEN 'event_name_too_long'
@@ -246,6 +286,7 @@ class RowMapper:
         params = {
             "source": self.source, "day": self.window.day,
             "start": self.window.start.replace(tzinfo=dt.UTC), "end": self.window.end.replace(tzinfo=dt.UTC),
+            "tz": self.window.timezone,
             "generation": self.generation, "ingested_at": self.ingested_at,
         }
         used = {k: v for k, v in params.items() if f"${k}" in self._sql}

@@ -32,7 +32,9 @@ def resolve_sources(rt: Runtime, source: str | list[str]) -> list[str]:
 
 
 async def submit(rt: Runtime, source: str | list[str], first: dt.date, last: dt.date, *,
-                 request_id: str | None = None, origin: str = "cli") -> tuple[Backfill, bool]:
+                 request_id: str | None = None, origin: str = "cli", missing: bool = False) -> tuple[Backfill, bool]:
+    """Store a backfill of `source` (a name, names, or "*") from `first` to `last`. With `missing`,
+    only the days never loaded, failed or emptied are stored; the others count as skipped."""
     sources = resolve_sources(rt, source)
     if first > last:
         raise BackfillRejected(f"from {first} is after to {last}")
@@ -40,11 +42,16 @@ async def submit(rt: Runtime, source: str | list[str], first: dt.date, last: dt.
     if span > rt.config.daemon.max_backfill_days:
         raise BackfillRejected(f"range of {span} days is longer than max_backfill_days "
                                f"({rt.config.daemon.max_backfill_days})")
+    only = None
+    if missing:
+        loaded = {(s, p.day) for s in sources for p in await rt.state.partitions(s, first, last)
+                  if p.generation > 0 and p.status not in ("failed", "emptied")}
+        only = lambda s, d: (s, d) not in loaded  # noqa: E731
     return await rt.state.create_backfill(
-        sources, first, last, request_id=request_id, origin=origin,
+        sources, first, last, request_id=request_id, origin=origin, only=only, missing=missing,
         events=lambda b, total: [event(BackfillAccepted, None, None, None, backfill_id=b.id, request_id=request_id,
                                        sources=sources, **{"from": first.isoformat(), "to": last.isoformat()},
-                                       days=total)])
+                                       days=total, skipped=b.skipped)])
 
 
 async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, str, dt.date, str], None] | None = None) -> str:
@@ -91,8 +98,8 @@ async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, st
     status = "failed" if failed else "done"
     await rt.state.finish_backfill(backfill_id, status, [event(
         BackfillDone, None, None, None, backfill_id=backfill_id, status=status,
-        succeeded=sum(1 for d in days if d[2] == "succeeded"), empty=sum(1 for d in days if d[2] == "empty"),
-        failed=failed)])
+        succeeded=sum(1 for d in days if d[2] == "succeeded"), emptied=sum(1 for d in days if d[2] == "emptied"),
+        empty=sum(1 for d in days if d[2] == "empty"), failed=failed, skipped=current.skipped)])
     return status
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import decimal
 import random
 import time
 from collections import Counter
@@ -25,11 +26,12 @@ import pyarrow as pa
 from ..core import logs
 from ..core.contracts import ProbeResult, Target
 from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, TransientError
-from ..core.events import CheckChanged, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
+from ..core.events import CheckChanged, CheckHeld, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
 from ..core.config import DaemonSection
 from ..core.schema import RowMapper
 from .job import Job
 from .runtime import Runtime, event
+from .state import PartitionRow
 from .slices import fetch_slices
 
 log = logs.get("ingestd.ingest")
@@ -39,7 +41,7 @@ QUEUE_DEPTH = 2
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # succeeded | empty | failed
+    status: str  # succeeded | emptied | empty | held | failed
     run_id: str | None = None
     generation: int | None = None
     rows: int = 0
@@ -67,14 +69,46 @@ async def probe(job: Job, day: dt.date) -> ProbeResult:
                             source=job.source, day=day.isoformat())
 
 
-async def is_ready(job: Job, day: dt.date, found: ProbeResult) -> bool:
-    """A day is ready when it has rows, unless a `ready_query` says otherwise (its first value,
-    as a row count or boolean, decides)."""
-    if not job.config.ready_query:
-        return found.rows > 0
-    q = job.day_query(day, job.config.ready_query)
-    result = await with_retry(job.daemon, "ready", lambda: job.connector.probe(q, job.info))
-    return result.rows > 0 and found.rows > 0
+AUTOMATIC = frozenset({"scheduled", "recheck"})
+"""Triggers the daemon starts on its own; `hold_drop_pct` holds their large drops. A manual load,
+a ready signal or a backfill is the user's word, and is never held."""
+
+
+def readiness(value: Any) -> bool:
+    """`ready_query`'s first value: a boolean as such, a number when > 0, NULL (or no row) no.
+    Text holding a boolean or a number is read the same way; anything else is an error."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float, decimal.Decimal)):
+        return value > 0
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "t", "yes", "y"):
+            return True
+        if word in ("false", "f", "no", "n", ""):
+            return False
+        try:
+            return float(word) > 0
+        except ValueError:
+            pass
+    raise PermanentError(f"ready_query's first value is {value!r} ({type(value).__name__}): it must be a boolean, "
+                         "a number (ready when > 0) or NULL (not ready)")
+
+
+async def ready_answer(job: Job, day: dt.date) -> bool:
+    """Run the source's `ready_query` for `day` and read its first value (`readiness`)."""
+    query = job.day_query(day, job.config.ready_query)
+
+    async def first_value() -> Any:
+        async with contextlib.aclosing(job.connector.fetch(query, 1, job.info)) as stream:
+            async for batch in stream:
+                if batch.num_rows and batch.num_columns:
+                    return batch.column(0)[0].as_py()
+        return None
+
+    return readiness(await with_retry(job.daemon, "ready", first_value, source=job.source, day=day.isoformat()))
 
 
 async def load_day(rt: Runtime, source: str, day: dt.date, trigger: str, **kw: Any) -> Outcome:
@@ -95,35 +129,58 @@ async def load_partition(rt: Runtime, job: Job, day: dt.date, trigger: str, *,
             rt.activity.pop(f"{source}/{day}", None)
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
 async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: int | None,
                 found: ProbeResult | None) -> Outcome:
-    source, src, sink = job.source, job.config, job.sink
+    """The rules of one load (README "How it works"): a day with rows loads once it is ready (the
+    user's `ready` signal, else `ready_query`, else having rows); a day that lost its rows is
+    replaced by an empty generation, and a large drop found by the daemon itself is held for the
+    user to confirm when `hold_drop_pct` is set."""
+    source, src = job.source, job.config
     started = time.monotonic()
     part = await rt.state.partition(source, day)
+    served = part.generation if part else 0
+    served_rows = (part.source_rows if part.source_rows is not None else part.rows or 0) if part and served else 0
+    ready_marked = trigger == "ready" or bool(part and part.ready_at)
+    marks = {"ready_at": part.ready_at if part and part.ready_at else _now()} if trigger == "ready" else {}
     try:
         if found is None:
             found = await probe(job, day)
-        ready = await is_ready(job, day, found)
+        if found.rows == 0:
+            ready = served > 0  # nothing to load: only a loaded day has something to mirror (an empty generation)
+        elif ready_marked or not src.ready_query:
+            ready = True
+        else:
+            ready = await ready_answer(job, day)
     except Exception as exc:  # every failure is recorded as a run, with its reason
-        return await _fail_without_run(rt, source, day, trigger, backfill_id, exc, started)
+        return await _fail_without_run(rt, source, day, trigger, backfill_id, exc, started, marks)
     if not ready:
-        run_id = await rt.state.start_run(source, day, trigger, part.generation if part else 0, backfill_id,
-                                          lambda rid: [])
-        fields = {"checked_at": dt.datetime.now(dt.UTC).isoformat()}
-        if not part or part.generation == 0:
-            fields.update(status="empty", rows=0, source_rows=0)
-        await rt.state.finish_run(run_id, status="empty", rows_fetched=0, rows_written=0, rows_rejected=0,
-                                  duration_ms=_ms(started), partition=fields,
-                                  events=[event(LoadEmpty, source, day, run_id, trigger=trigger)])
-        return Outcome("empty", run_id, part.generation if part else None)
-    visible = await sink.read_generation(src.kind, source, day)
-    generation = max(part.generation if part else 0, visible.generation if visible else 0) + 1
+        why = "no rows yet" if found.rows == 0 else "ready_query says the day is not ready"
+        run_id = await rt.state.start_run(source, day, trigger, served, backfill_id, lambda rid: [],
+                                          first_load=served == 0)
+        fields: dict[str, Any] = {"checked_at": _now(), **marks}
+        if served == 0:
+            fields.update(status="empty", rows=0, source_rows=0, error=None)
+        await rt.state.finish_run(run_id, status="empty", reason=why, rows_fetched=0, rows_written=0,
+                                  rows_rejected=0, duration_ms=_ms(started), partition=fields,
+                                  events=[event(LoadEmpty, source, day, run_id, trigger=trigger, reason=why,
+                                                source_rows=found.rows)])
+        return Outcome("empty", run_id, served or None, reason=why)
+    if held := _hold(src.hold_drop_pct, trigger, served_rows, found.rows):
+        await _record_hold(rt, source, day, part, found.rows, held)
+        return Outcome("held", None, served, reason=f"held: {served_rows} -> {found.rows} rows (-{held:.1f}%)")
+    visible = await job.sink.read_generation(src.kind, source, day)
+    generation = max(served, visible.generation if visible else 0) + 1
     run_id = await rt.state.start_run(
         source, day, trigger, generation, backfill_id,
-        lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)])
+        lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)],
+        first_load=served == 0)
     try:
         stats = await with_retry(
-            job.daemon, "load", lambda: _stream(job, day, generation),
+            job.daemon, "load", lambda: _stream(job, day, generation, _Progress(rt, run_id)),
             source=source, day=day.isoformat(), run_id=run_id, generation=generation)
     except (Exception, asyncio.CancelledError) as exc:  # every failure is recorded on the run, with its reason
         transient = isinstance(exc, (TransientError, asyncio.CancelledError))
@@ -135,43 +192,82 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
             reason = f"{type(exc).__name__}: {reason}"
         stats = getattr(exc, "stats", None) or {}
         await rt.state.finish_run(
-            run_id, status="failed", reason=reason, duration_ms=_ms(started), partition={
-                "status": "failed", "error": reason, "checked_at": dt.datetime.now(dt.UTC).isoformat()},
+            run_id, status="failed", reason=reason, duration_ms=_ms(started),
+            partition={"status": "failed", "error": reason, "checked_at": _now(), **marks},
             rows_fetched=stats.get("fetched"), rows_rejected=stats.get("rejected"), rejects=stats.get("reasons"),
             samples=stats.get("samples"),
             events=[event(LoadFailed, source, day, run_id, trigger=trigger, reason=reason, transient=transient,
-                          generation=generation)])
+                          generation=generation, serving=served or None)])
         if isinstance(exc, asyncio.CancelledError):
             raise
         return Outcome("failed", run_id, generation, reason=reason)
     duration = _ms(started)
-    now = dt.datetime.now(dt.UTC).isoformat()
+    now = _now()
+    status = "emptied" if stats["written"] == 0 and served_rows > 0 else "succeeded"
+    extra = {"previous_rows": served_rows} if served else {}
     await rt.state.finish_run(
         run_id, status="succeeded", rows_fetched=stats["fetched"], rows_written=stats["written"],
         rows_rejected=stats["rejected"], rejects=stats["reasons"], samples=stats["samples"],
         fingerprint=found.fingerprint, duration_ms=duration,
-        partition={"status": "succeeded", "generation": generation, "rows": stats["written"],
+        partition={"status": status, "generation": generation, "rows": stats["written"],
                    "source_rows": stats["fetched"], "fingerprint": found.fingerprint, "loaded_at": now,
-                   "checked_at": now, "error": None},
+                   "checked_at": now, "error": None, "held_rows": None, **marks},
         events=[event(LoadSucceeded, source, day, run_id, trigger=trigger, generation=generation,
                       rows=stats["written"], fetched=stats["fetched"], rejected=stats["rejected"],
-                      duration_ms=duration)])
-    return Outcome("succeeded", run_id, generation, stats["written"])
+                      duration_ms=duration, first_load=served == 0, **extra)])
+    return Outcome(status, run_id, generation, stats["written"])
+
+
+def _hold(hold_drop_pct: float | None, trigger: str, loaded: int, now: int) -> float | None:
+    """The drop in percent when an automatic reload from `loaded` to `now` rows must be held."""
+    if hold_drop_pct is None or trigger not in AUTOMATIC or loaded <= 0 or now >= loaded:
+        return None
+    drop = (loaded - now) * 100 / loaded
+    return drop if drop > hold_drop_pct else None
+
+
+async def _record_hold(rt: Runtime, source: str, day: dt.date, part: PartitionRow | None, rows: int,
+                       drop: float) -> None:
+    """Mark the day held (its generation stays served); `check.held` once per new count."""
+    loaded = (part.source_rows if part and part.source_rows is not None else part.rows or 0) if part else 0
+    news = [] if part and part.status == "held" and part.held_rows == rows else [event(
+        CheckHeld, source, day, None, loaded_rows=loaded, rows=rows, drop_pct=round(drop, 3),
+        confirm=f"ingestd load {source} --day {day.isoformat()}")]
+    await rt.state.set_partition(source, day, events=news, status="held", held_rows=rows, checked_at=_now(),
+                                 error=f"held: the warehouse has {rows} rows, {loaded} were loaded (-{drop:.1f}%); "
+                                       f"confirm with `ingestd load {source} --day {day.isoformat()}`")
 
 
 async def _fail_without_run(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_id: int | None,
-                            exc: Exception, started: float) -> Outcome:
+                            exc: Exception, started: float, marks: dict[str, Any]) -> Outcome:
     part = await rt.state.partition(source, day)
     reason = str(exc) if isinstance(exc, IngestdError) else f"{type(exc).__name__}: {exc}"
     if not isinstance(exc, IngestdError):
         log.error("probe.error", source=source, day=day.isoformat(), exc_info=exc)
-    run_id = await rt.state.start_run(source, day, trigger, part.generation if part else 0, backfill_id, lambda rid: [])
+    served = part.generation if part else 0
+    run_id = await rt.state.start_run(source, day, trigger, served, backfill_id, lambda rid: [],
+                                      first_load=served == 0)
     await rt.state.finish_run(
         run_id, status="failed", reason=reason, duration_ms=_ms(started),
-        partition={"status": "failed", "error": reason} if not part or part.generation == 0 else {"error": reason},
+        partition={"status": "failed", "error": reason, "checked_at": _now(), **marks},
         events=[event(LoadFailed, source, day, run_id, trigger=trigger, reason=reason,
-                      transient=isinstance(exc, TransientError))])
+                      transient=isinstance(exc, TransientError), serving=served or None)])
     return Outcome("failed", run_id, reason=reason)
+
+
+class _Progress:
+    """Writes a running load's fetched rows to its run row now and then, for `status`."""
+
+    EVERY_SECONDS = 2.0
+
+    def __init__(self, rt: Runtime, run_id: str):
+        self.rt, self.run_id = rt, run_id
+        self.last = time.monotonic()
+
+    async def __call__(self, rows: int) -> None:
+        if time.monotonic() - self.last >= self.EVERY_SECONDS:
+            self.last = time.monotonic()
+            await self.rt.state.progress(self.run_id, rows)
 
 
 def _ms(started: float) -> int:
@@ -181,7 +277,8 @@ def _ms(started: float) -> int:
 _DONE = object()
 
 
-async def _stream(job: Job, day: dt.date, generation: int) -> dict:
+async def _stream(job: Job, day: dt.date, generation: int,
+                  progress: Callable[[int], Awaitable[None]] | None = None) -> dict:
     """One attempt: fetch, map and write overlapping; returns counts. Raises on any failure,
     after which the sink still holds the previous generation."""
     source, src, conn = job.source, job.config, job.connector
@@ -204,6 +301,8 @@ async def _stream(job: Job, day: dt.date, generation: int) -> dict:
                 async for batch in stream:
                     stats["fetched"] += batch.num_rows
                     await fetched_q.put(batch)
+                    if progress is not None:
+                        await progress(stats["fetched"])
             await fetched_q.put(_DONE)
         except asyncio.CancelledError:
             raise
@@ -266,7 +365,8 @@ async def _stream(job: Job, day: dt.date, generation: int) -> dict:
 
 async def recheck_day(rt: Runtime, job: Job, day: dt.date) -> str:
     """Probe a day again; reload it if its count moved past the threshold or (checksum mode)
-    its fingerprint changed. Downloads no rows for an unchanged day. Returns what it did."""
+    its fingerprint changed, or load it if it had no rows and now has. Downloads no rows for an
+    unchanged day. A held day whose count came back is released. Returns what it did."""
     source, src = job.source, job.config
     part = await rt.state.partition(source, day)
     try:
@@ -278,7 +378,7 @@ async def recheck_day(rt: Runtime, job: Job, day: dt.date) -> str:
         if found.rows > 0:
             out = await load_partition(rt, job, day, "recheck", found=found)
             return "loaded" if out.status == "succeeded" else out.status
-        await rt.state.set_partition(source, day, checked_at=dt.datetime.now(dt.UTC).isoformat(),
+        await rt.state.set_partition(source, day, checked_at=_now(),
                                      **({} if part else {"status": "empty", "rows": 0, "source_rows": 0}))
         return "empty"
     loaded = part.source_rows if part.source_rows is not None else (part.rows or 0)
@@ -286,14 +386,16 @@ async def recheck_day(rt: Runtime, job: Job, day: dt.date) -> str:
     caps = job.connector.capabilities
     fp_changed = (src.recheck.detect == "checksum" and caps.fingerprint and found.fingerprint is not None
                   and found.fingerprint != part.fingerprint)
-    now = dt.datetime.now(dt.UTC).isoformat()
     if change_pct > src.recheck.threshold_pct or fp_changed:
-        await rt.state.set_partition(source, day, checked_at=now, events=[event(
-            CheckChanged, source, day, None, loaded_rows=loaded, rows=found.rows,
-            change_pct=round(change_pct, 3), fingerprint_changed=fp_changed)])
+        if not (part.status == "held" and part.held_rows == found.rows):
+            await rt.state.set_partition(source, day, checked_at=_now(), events=[event(
+                CheckChanged, source, day, None, loaded_rows=loaded, rows=found.rows,
+                change_pct=round(change_pct, 3), fingerprint_changed=fp_changed)])
         out = await load_partition(rt, job, day, "recheck", found=found)
-        return "reloaded" if out.status == "succeeded" else out.status
-    await rt.state.set_partition(source, day, checked_at=now, events=[event(
+        return {"succeeded": "reloaded"}.get(out.status, out.status)
+    released = {"status": "emptied" if loaded == 0 else "succeeded", "held_rows": None, "error": None} \
+        if part.status == "held" else {}
+    await rt.state.set_partition(source, day, checked_at=_now(), **released, events=[event(
         CheckUnchanged, source, day, None, rows=found.rows, change_pct=round(change_pct, 3))])
     return "unchanged"
 

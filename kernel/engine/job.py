@@ -46,13 +46,11 @@ class Job:
 
     def day_query(self, day: dt.date, sql: str | None = None) -> DayQuery:
         """The source's query (or `sql`, e.g. its ready_query) bound to `day` for this connector."""
-        column, kind = self.config.mapping.filter_column(self.config.kind)
         return day_query(sql or self.config.query, self.window(day), self.connector.capabilities,
-                         filter_column=column, filter_kind=kind)
+                         **self.config.mapping.day_filter(self.config.kind))
 
     def slice_queries(self, day: dt.date) -> list[DayQuery]:
         """The day query cut into the source's `slices` disjoint parts (see `day_queries`)."""
-        column, kind = self.config.mapping.filter_column(self.config.kind)
         return day_queries(self.config.query, self.window(day), self.connector.capabilities,
                            slices=self.config.slices, slice_column=self.config.slice_column,
-                           filter_column=column, filter_kind=kind)
+                           **self.config.mapping.day_filter(self.config.kind))

@@ -39,8 +39,9 @@ def lookback(rt: Runtime, source: str, newest: dt.date) -> list[dt.date]:
 
 
 async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
-    """Load, oldest first, every day in the look-back range that holds no generation yet or
-    whose last load failed: the newest day, any missed while the daemon was down, and retries.
+    """Load, oldest first, every day in the look-back range that holds no generation yet (and was
+    not marked ready by the user) or whose last load failed: the newest day, any missed while the
+    daemon was down, and retries.
     Days not landed stay for the next window. Each day's load takes its own job, so a reload
     during a window applies from the next day on; a source removed meanwhile ends the window."""
     done: dict[dt.date, str] = {}
@@ -51,8 +52,8 @@ async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt
             if rt.stopping.is_set():
                 break
             part = await rt.state.partition(source, day)
-            if part and part.generation > 0 and part.status != "failed":
-                continue
+            if part and (part.generation > 0 or part.ready_at) and part.status != "failed":
+                continue  # loaded (or marked ready by the user): re-checks watch it from now on
             async with rt.job(source) as job:
                 done[day] = (await load_partition(rt, job, day, "scheduled")).status
     except SourceGone:

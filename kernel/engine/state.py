@@ -25,13 +25,13 @@ import aiosqlite
 from ..core.errors import StateError
 from ..core.events import Event
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS partitions (
     source TEXT NOT NULL, day TEXT NOT NULL, status TEXT NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0, rows INTEGER, source_rows INTEGER, fingerprint TEXT,
-    loaded_at TEXT, checked_at TEXT, last_run_id TEXT, error TEXT,
+    loaded_at TEXT, checked_at TEXT, last_run_id TEXT, error TEXT, ready_at TEXT, held_rows INTEGER,
     PRIMARY KEY (source, day)
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL, reason TEXT, generation INTEGER,
     rows_fetched INTEGER, rows_written INTEGER, rows_rejected INTEGER, rejects TEXT,
     fingerprint TEXT, started_at TEXT NOT NULL, finished_at TEXT, duration_ms INTEGER,
-    backfill_id INTEGER, pid INTEGER
+    backfill_id INTEGER, pid INTEGER, first_load INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_by_partition ON runs (source, day);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS rejects (
 CREATE TABLE IF NOT EXISTS backfills (
     id INTEGER PRIMARY KEY, request_id TEXT UNIQUE, sources TEXT NOT NULL,
     day_from TEXT NOT NULL, day_to TEXT NOT NULL, status TEXT NOT NULL,
-    origin TEXT, created_at TEXT NOT NULL, finished_at TEXT
+    origin TEXT, created_at TEXT NOT NULL, finished_at TEXT, missing INTEGER NOT NULL DEFAULT 0,
+    skipped INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS backfill_days (
     backfill_id INTEGER NOT NULL, source TEXT NOT NULL, day TEXT NOT NULL,
@@ -65,10 +66,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, source TEXT,
     payload TEXT NOT NULL, created_at TEXT NOT NULL
 );
-CREATE VIEW IF NOT EXISTS usage AS
-    SELECT source, day, trigger, SUM(rows_written) AS rows, COUNT(*) AS loads
-    FROM runs WHERE status = 'succeeded' GROUP BY source, day, trigger;
+DROP VIEW IF EXISTS usage;
+CREATE VIEW usage AS
+    SELECT source, day, trigger, CASE WHEN first_load THEN 'first' ELSE 'reload' END AS load,
+           substr(finished_at, 1, 10) AS ran_on, SUM(rows_written) AS rows, COUNT(*) AS loads
+    FROM runs WHERE status = 'succeeded' GROUP BY source, day, trigger, load, ran_on;
 """
+
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE partitions ADD COLUMN ready_at TEXT",
+        "ALTER TABLE partitions ADD COLUMN held_rows INTEGER",
+        "ALTER TABLE runs ADD COLUMN first_load INTEGER",
+        "ALTER TABLE backfills ADD COLUMN missing INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE backfills ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0"],
+}
+"""Statements that bring a database of the version before up to this version; a new database
+gets SCHEMA directly."""
 
 
 def now_utc() -> dt.datetime:
@@ -92,6 +105,8 @@ class PartitionRow:
     checked_at: str | None
     last_run_id: str | None
     error: str | None
+    ready_at: str | None = None
+    held_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,7 @@ class RunRow:
     finished_at: str | None
     duration_ms: int | None
     backfill_id: int | None
+    first_load: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,8 @@ class Backfill:
     day_to: dt.date
     status: str
     created_at: str
+    missing: bool = False
+    skipped: int = 0
 
 
 class StateLock:
@@ -186,6 +204,10 @@ class StateStore:
                 if version > SCHEMA_VERSION:
                     raise StateError(f"state database {self.path} has schema version {version}, newer than "
                                      f"this ingestd's {SCHEMA_VERSION}")
+                fresh = not await self._all("SELECT 1 FROM sqlite_master WHERE name = 'runs'")
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in ([] if fresh else MIGRATIONS.get(step, [])):
+                        await self._db.execute(statement)
                 await self._db.executescript(SCHEMA)
                 await self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 await self._db.commit()
@@ -243,13 +265,15 @@ class StateStore:
         return [_partition(r) for r in rows]
 
     async def start_run(self, source: str, day: dt.date, trigger: str, generation: int,
-                        backfill_id: int | None, events: Callable[[str], list[Event]]) -> str:
+                        backfill_id: int | None, events: Callable[[str], list[Event]], *,
+                        first_load: bool | None = None) -> str:
         run_id = uuid.uuid4().hex[:16]
         async with self.transaction() as tx:
             await tx.db.execute(
-                "INSERT INTO runs (run_id, source, day, trigger, status, generation, started_at, backfill_id, pid)"
-                " VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                (run_id, source, day.isoformat(), trigger, generation, iso(now_utc()), backfill_id, os.getpid()))
+                "INSERT INTO runs (run_id, source, day, trigger, status, generation, started_at, backfill_id, pid,"
+                " first_load) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (run_id, source, day.isoformat(), trigger, generation, iso(now_utc()), backfill_id, os.getpid(),
+                 first_load))
             for e in events(run_id):
                 tx.emit(e)
         return run_id
@@ -292,11 +316,40 @@ class StateStore:
                                " ORDER BY finished_at DESC LIMIT 1", (source,))
         return _run(rows[0]) if rows else None
 
-    async def usage(self, first: dt.date | None = None, last: dt.date | None = None) -> list[dict]:
+    async def progress(self, run_id: str, rows_fetched: int) -> None:
+        """Rows a running load has fetched so far (what `status` shows while it runs)."""
+        async with self.transaction() as tx:
+            await tx.db.execute("UPDATE runs SET rows_fetched = ? WHERE run_id = ? AND status = 'running'",
+                                (rows_fetched, run_id))
+
+    async def latest_runs(self, source: str, first: dt.date, last: dt.date) -> dict[dt.date, RunRow]:
+        """The latest run of each day of `source` in [first, last] that has one."""
         rows = await self._all(
-            "SELECT source, day, trigger, rows, loads FROM usage WHERE day >= ? AND day <= ?"
-            " ORDER BY source, day, trigger",
-            ((first or dt.date.min).isoformat(), (last or dt.date.max).isoformat()))
+            "SELECT * FROM runs r WHERE source = ? AND day >= ? AND day <= ? AND rowid = ("
+            " SELECT rowid FROM runs WHERE source = r.source AND day = r.day ORDER BY started_at DESC, rowid DESC"
+            " LIMIT 1)", (source, first.isoformat(), last.isoformat()))
+        return {run.day: run for run in map(_run, rows)}
+
+    async def last_loaded_day(self, source: str) -> dt.date | None:
+        rows = await self._all("SELECT MAX(day) FROM partitions WHERE source = ? AND generation > 0", (source,))
+        return dt.date.fromisoformat(rows[0][0]) if rows and rows[0][0] else None
+
+    async def usage(self, first: dt.date | None = None, last: dt.date | None = None, *,
+                    ran_from: dt.date | None = None, ran_to: dt.date | None = None,
+                    by: str = "day") -> list[dict[str, Any]]:
+        """Rows metered by successful loads: per source, day loaded (or, `by="month"`, month the
+        load ran), trigger and load kind (`first` load of the day or `reload`)."""
+        period = "substr(finished_at, 1, 7)" if by == "month" else "day"
+        label = "month" if by == "month" else "day"
+        rows = await self._all(
+            f"SELECT source, {period} AS {label}, trigger,"
+            " CASE WHEN first_load THEN 'first' ELSE 'reload' END AS load,"
+            " SUM(rows_written) AS rows, COUNT(*) AS loads FROM runs"
+            " WHERE status = 'succeeded' AND day >= ? AND day <= ?"
+            " AND substr(finished_at, 1, 10) >= ? AND substr(finished_at, 1, 10) <= ?"
+            f" GROUP BY source, {label}, trigger, load ORDER BY source, {label}, trigger, load",
+            ((first or dt.date.min).isoformat(), (last or dt.date.max).isoformat(),
+             (ran_from or dt.date.min).isoformat(), (ran_to or dt.date.max).isoformat()))
         return [dict(r) for r in rows]
 
     # -- windows -----------------------------------------------------------------------------
@@ -315,27 +368,33 @@ class StateStore:
 
     async def create_backfill(self, sources: list[str], first: dt.date, last: dt.date, *,
                               request_id: str | None, origin: str,
-                              events: Callable[[Backfill, int], list[Event]]) -> tuple[Backfill, bool]:
+                              events: Callable[[Backfill, int], list[Event]],
+                              only: Callable[[str, dt.date], bool] | None = None,
+                              missing: bool = False) -> tuple[Backfill, bool]:
         """Store a backfill and its days durably. Returns (backfill, created); an existing
-        request id returns the stored one and False."""
+        request id returns the stored one and False. `only` keeps the (source, day) pairs it
+        accepts (`--missing`); the others are counted as skipped."""
         async with self.transaction() as tx:
             if request_id:
                 found = await (await tx.db.execute("SELECT * FROM backfills WHERE request_id = ?",
                                                    (request_id,))).fetchone()
                 if found:
                     return _backfill(found), False
-            cur = await tx.db.execute(
-                "INSERT INTO backfills (request_id, sources, day_from, day_to, status, origin, created_at)"
-                " VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                (request_id, json.dumps(sources), first.isoformat(), last.isoformat(), origin, iso(now_utc())))
-            backfill_id = cur.lastrowid
             days = [(first + dt.timedelta(days=i)) for i in range((last - first).days + 1)]
+            pairs = [(s, d) for d in days for s in sources]
+            kept = [(s, d) for s, d in pairs if only is None or only(s, d)]
+            cur = await tx.db.execute(
+                "INSERT INTO backfills (request_id, sources, day_from, day_to, status, origin, created_at, missing,"
+                " skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request_id, json.dumps(sources), first.isoformat(), last.isoformat(), "running", origin,
+                 iso(now_utc()), missing, len(pairs) - len(kept)))
+            backfill_id = cur.lastrowid
             await tx.db.executemany(
                 "INSERT INTO backfill_days (backfill_id, source, day, status) VALUES (?, ?, ?, 'pending')",
-                [(backfill_id, s, d.isoformat()) for d in days for s in sources])
+                [(backfill_id, s, d.isoformat()) for s, d in kept])
             found = await (await tx.db.execute("SELECT * FROM backfills WHERE id = ?", (backfill_id,))).fetchone()
             backfill = _backfill(found)
-            for e in events(backfill, len(days) * len(sources)):
+            for e in events(backfill, len(kept)):
                 tx.emit(e)
         return backfill, True
 
@@ -440,9 +499,11 @@ def _run(r: sqlite3.Row) -> RunRow:
     d["day"] = dt.date.fromisoformat(d["day"])
     d.pop("rejects", None)
     d.pop("pid", None)
+    d["first_load"] = None if d["first_load"] is None else bool(d["first_load"])
     return RunRow(**d)
 
 
 def _backfill(r: sqlite3.Row) -> Backfill:
     return Backfill(r["id"], r["request_id"], json.loads(r["sources"]), dt.date.fromisoformat(r["day_from"]),
-                    dt.date.fromisoformat(r["day_to"]), r["status"], r["created_at"])
+                    dt.date.fromisoformat(r["day_to"]), r["status"], r["created_at"], bool(r["missing"]),
+                    r["skipped"])

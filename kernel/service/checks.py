@@ -37,9 +37,8 @@ async def check_sources(config: Config, plugins: LoadedPlugins) -> list[SourceCh
                                                                                       name=src.connection)
             conn = connectors[src.connection]
             day = dt.date.today() - dt.timedelta(days=src.lag_days)
-            column, kind = src.mapping.filter_column(src.kind)
             query = day_query(src.query, DayWindow.of(day, src.timezone), conn.capabilities,
-                              filter_column=column, filter_kind=kind)
+                              **src.mapping.day_filter(src.kind))
             try:
                 await conn.check(query)
                 out.append(SourceCheck(name, src.connection, plugged.type))

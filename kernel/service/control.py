@@ -12,6 +12,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from ..core.errors import IngestdError
 from ..engine import backfill as backfills
@@ -37,12 +38,16 @@ class BackfillTicket:
     sources: list[str]
     first: dt.date
     last: dt.date
-    days: int
+    source_days: int
+    skipped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
+        """`days` counts calendar days of the range; `source_days` the (source, day) loads it
+        holds; `skipped` the source-days `missing` left out as loaded already."""
         return {"backfill_id": self.backfill_id, "created": self.created, "status": self.status,
                 "sources": self.sources, "from": self.first.isoformat(), "to": self.last.isoformat(),
-                "days": self.days}
+                "days": (self.last - self.first).days + 1, "source_days": self.source_days,
+                "skipped": self.skipped}
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,14 @@ class Control:
 
     async def load(self, source: str, day: dt.date, *, command: str = "load", wait: bool = False) -> LoadTicket | Outcome:
         """Load (or reload) one day now. `command` "ready" records the user's word that the day is
-        complete. With `wait`, returns the outcome; else the load runs as a task and the ticket
-        says it was accepted."""
+        complete: it loads even when the source's ready_query says no, and load windows leave the
+        day alone from then on (re-checks still reload it when it changes). A day in the future,
+        or older than `max_backfill_days`, is refused. With `wait`, returns the outcome; else the
+        load runs as a task and the ticket says it was accepted."""
         self.source(source)
         trigger = TRIGGERS[command]
+        if command == "ready":
+            self._check_ready_day(source, day)
         if wait:
             try:
                 return await load_day(self.rt, source, day, trigger)
@@ -90,6 +99,17 @@ class Control:
                 raise ControlError(str(exc)) from None
         self.tasks.spawn(self._load_quietly(source, day, trigger), f"{command}-{source}-{day}")
         return LoadTicket(source, day, trigger)
+
+    def _check_ready_day(self, source: str, day: dt.date) -> None:
+        src = self.rt.config.sources[source]
+        today = dt.datetime.now(ZoneInfo(src.timezone)).date()
+        oldest = today - dt.timedelta(days=self.rt.config.daemon.max_backfill_days)
+        if day > today:
+            raise ControlError(f"day {day} is in the future for source {source!r} (today is {today} in "
+                               f"{src.timezone}): a day can be ready only once it has begun")
+        if day < oldest:
+            raise ControlError(f"day {day} is older than max_backfill_days ({self.rt.config.daemon.max_backfill_days}"
+                               f" days before {today}); use a backfill or raise the limit")
 
     async def _load_quietly(self, source: str, day: dt.date, trigger: str) -> None:
         try:
@@ -106,10 +126,12 @@ class Control:
             raise ControlError(str(exc)) from None
 
     async def submit_backfill(self, source: str | list[str], first: dt.date, last: dt.date, *,
-                              request_id: str | None = None, origin: str = "cli") -> tuple[Backfill, bool]:
+                              request_id: str | None = None, origin: str = "cli",
+                              missing: bool = False) -> tuple[Backfill, bool]:
         """Store a backfill durably (or find the one stored under `request_id`); runs nothing."""
         try:
-            return await backfills.submit(self.rt, source, first, last, request_id=request_id, origin=origin)
+            return await backfills.submit(self.rt, source, first, last, request_id=request_id, origin=origin,
+                                          missing=missing)
         except backfills.BackfillRejected as exc:
             raise ControlError(str(exc)) from None
 
@@ -117,14 +139,15 @@ class Control:
         return await self.rt.state.find_backfill(sources, first, last)
 
     async def backfill(self, source: str | list[str], first: dt.date, last: dt.date, *,
-                       request_id: str | None = None, origin: str = "mqtt") -> BackfillTicket:
+                       request_id: str | None = None, origin: str = "mqtt", missing: bool = False) -> BackfillTicket:
         """Store a backfill and start it in the background (a stored one that is not running yet,
         e.g. after a restart, is started too)."""
-        b, created = await self.submit_backfill(source, first, last, request_id=request_id, origin=origin)
+        b, created = await self.submit_backfill(source, first, last, request_id=request_id, origin=origin,
+                                                missing=missing)
         if b.status == "running":
             self.start_backfill(b.id)
         days = len(await self.rt.state.backfill_days(b.id))
-        return BackfillTicket(b.id, created, b.status, b.sources, b.day_from, b.day_to, days)
+        return BackfillTicket(b.id, created, b.status, b.sources, b.day_from, b.day_to, days, b.skipped)
 
     def start_backfill(self, backfill_id: int) -> None:
         name = f"backfill-{backfill_id}"

@@ -31,13 +31,13 @@ class Field:
 
 SPECS: dict[str, dict[str, Field]] = {
     "backfill": {"source": Field(str, True), "from": Field(str, True), "to": Field(str, True),
-                 "request_id": Field(str)},
+                 "request_id": Field(str), "missing": Field(bool)},
     "ready": {"source": Field(str, True), "day": Field(str, True)},
     "reload": {"source": Field(str, True), "day": Field(str, True)},
     "status": {"source": Field(str)},
     "cancel": {"backfill_id": Field(int, True)},
 }
-TYPE_WORDS = {str: "a string", int: "an integer"}
+TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def answer(status: str, *, data: Any = None, error: str | None = None, transaction: Any = None) -> dict:
@@ -67,7 +67,7 @@ def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict, Any]:
                 raise BadRequest(f"missing field {name!r}")
             continue
         value = body[name]
-        if isinstance(value, bool) or not isinstance(value, f.kind):
+        if isinstance(value, bool) != (f.kind is bool) or not isinstance(value, f.kind):
             raise BadRequest(f"field {name!r} must be {TYPE_WORDS.get(f.kind, f.kind)}, got {json.dumps(value)[:40]}")
     return body, transaction
 
@@ -94,7 +94,8 @@ async def _run(control: Control, command: str, body: dict[str, Any]) -> Any:
     if command == "backfill":
         first, last = _day(body, "from"), _day(body, "to")
         source = body["source"] if body["source"] == "*" else control.source(body["source"])
-        ticket = await control.backfill(source, first, last, request_id=body.get("request_id"), origin="mqtt")
+        ticket = await control.backfill(source, first, last, request_id=body.get("request_id"), origin="mqtt",
+                                        missing=body.get("missing", False))
         return ticket.as_dict()
     if command in ("ready", "reload"):
         source, day = control.source(body["source"]), _day(body, "day")

@@ -5,28 +5,81 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from ..core.config import Config
-from ..core.query import DayWindow
 from ..engine.planner import load_windows, recheck_windows
-from ..engine.state import StateStore
+from ..engine.state import PartitionRow, RunRow, StateStore
+
+
+def local_today(now: dt.datetime, timezone: str) -> dt.date:
+    return now.astimezone(ZoneInfo(timezone)).date()
+
+
+def day_view(day: dt.date, part: PartitionRow | None, run: RunRow | None) -> dict[str, Any]:
+    """One day as the status shows it: what is served, what is loading, the last attempt."""
+    serving = ({"generation": part.generation, "rows": part.rows, "loaded_at": part.loaded_at}
+               if part and part.generation > 0 else None)
+    loading = ({"generation": run.generation, "rows_so_far": run.rows_fetched or 0, "started_at": run.started_at,
+                "trigger": run.trigger, "run_id": run.run_id} if run and run.status == "running" else None)
+    last = ({"run_id": run.run_id, "trigger": run.trigger, "status": run.status, "reason": run.reason,
+             "rows_written": run.rows_written, "started_at": run.started_at, "finished_at": run.finished_at,
+             "first_load": run.first_load} if run else None)
+    status = part.status if part else ("loading" if loading else "unknown")
+    held = ({"loaded_rows": part.source_rows if part.source_rows is not None else part.rows,
+             "rows": part.held_rows} if part and part.status == "held" else None)
+    if loading:
+        state = "loading"
+    elif status in ("held", "failed", "emptied", "empty"):
+        state = status
+    elif serving:
+        state = "reloaded" if serving["generation"] > 1 else "loaded"
+    else:
+        state = "missing"
+    return {
+        "day": day.isoformat(), "state": state, "status": status, "summary": _summary(state, serving, loading, part),
+        "rows": part.rows if part else None, "generation": part.generation if part else 0,
+        "loaded_at": part.loaded_at if part else None, "checked_at": part.checked_at if part else None,
+        "error": part.error if part else None, "ready_at": part.ready_at if part else None,
+        "serving": serving, "loading": loading, "held": held, "last_run": last,
+    }
+
+
+def _summary(state: str, serving: dict[str, Any] | None, loading: dict[str, Any] | None,
+             part: PartitionRow | None) -> str:
+    parts = []
+    if loading:
+        parts.append(f"loading gen {loading['generation']} ({loading['rows_so_far']:,} rows so far)")
+    if serving:
+        parts.append(f"serving gen {serving['generation']}, {serving['rows'] or 0:,} rows")
+    elif not loading:
+        parts.append("nothing served")
+    if part and state in ("failed", "held") and part.error:
+        parts.append(("last attempt failed: " if state == "failed" else "") + part.error)
+    return "; ".join(parts)
 
 
 async def source_status(config: Config, state: StateStore, name: str, days: int, now: dt.datetime) -> dict[str, Any]:
+    """A source's windows, its last run and loaded day (whatever their age), and its last `days`
+    days (today, in its time zone, and the days before) with what each serves and runs."""
     src = config.sources[name]
     lw, rw = load_windows(config, name), recheck_windows(config, name)
-    today = DayWindow.of(now.date(), src.timezone).day
-    parts = await state.partitions(name, today - dt.timedelta(days=days), today)
+    today = local_today(now, src.timezone)
+    first = today - dt.timedelta(days=days)
+    parts = {p.day: p for p in await state.partitions(name, first, today)}
+    runs = await state.latest_runs(name, first, today)
     last = await state.last_run(name)
+    last_loaded = await state.last_loaded_day(name)
     return {
         "source": name, "kind": src.kind, "connection": src.connection, "timezone": src.timezone,
         "next_load": lw.next_after(now).isoformat(),
         "next_recheck": rw.next_after(now).isoformat() if rw else None,
         "last_status": last.status if last else None,
-        "last_loaded_day": max((p.day for p in parts if p.generation > 0), default=None),
-        "days": [{"day": p.day.isoformat(), "status": p.status, "rows": p.rows, "generation": p.generation,
-                  "loaded_at": p.loaded_at, "checked_at": p.checked_at, "error": p.error}
-                 for p in reversed(parts)],
+        "last_loaded_day": last_loaded.isoformat() if last_loaded else None,
+        "loading": [{"day": r.day.isoformat(), "generation": r.generation, "rows_so_far": r.rows_fetched or 0,
+                     "trigger": r.trigger, "run_id": r.run_id, "started_at": r.started_at}
+                    for r in await state.running_runs() if r.source == name],
+        "days": [day_view(d, parts.get(d), runs.get(d)) for d in sorted(set(parts) | set(runs), reverse=True)],
     }
 
 
@@ -43,9 +96,6 @@ async def status_report(config: Config, state: StateStore, names: list[str], day
 
 async def retained_source_state(config: Config, state: StateStore, name: str, now: dt.datetime) -> dict[str, Any]:
     """The bus's retained `source/<name>/state`: last loaded day (whatever its age), last status,
-    next windows."""
+    next windows, and the days loading now."""
     s = await source_status(config, state, name, 0, now)
-    payload = {k: s[k] for k in ("source", "last_loaded_day", "last_status", "next_load", "next_recheck")}
-    loaded = [p.day for p in await state.partitions(name) if p.generation > 0]
-    payload["last_loaded_day"] = max(loaded).isoformat() if loaded else None
-    return payload
+    return {k: s[k] for k in ("source", "last_loaded_day", "last_status", "next_load", "next_recheck", "loading")}

@@ -1,75 +1,8 @@
 """The BigQuery connector (type `bigquery`), on google-cloud-bigquery.
 
 Install it with `pip install 'ingestd[bigquery]'` (google-cloud-bigquery, and
-google-cloud-bigquery-storage for the Storage Read API). A sample connection:
-
-    [connections.NAME]
-    type = "bigquery"
-
-    ## The project jobs run in and are billed to (required).
-    project = "my-analytics-project"
-
-    ## Where the jobs run: the location of the datasets the queries read ("US", "EU",
-    ## "europe-west1", ...). Default: BigQuery picks it from the tables the query names.
-    # location = "EU"
-
-    ## Dataset that unqualified table names in the source queries resolve to:
-    ## "dataset" (in `project`) or "other-project.dataset".
-    # default_dataset = "warehouse"
-
-    ## Credentials: a service-account JSON key file (relative paths are taken from
-    ## daemon.toml's folder; ${CREDENTIALS_DIRECTORY} works, for systemd's LoadCredential=).
-    ## Without it, Application Default Credentials are used: GOOGLE_APPLICATION_CREDENTIALS,
-    ## `gcloud auth application-default login`, or the VM's / pod's service account.
-    # credentials_file = "/etc/ingestd/bigquery-key.json"
-
-    ## Act as this service account (google.auth impersonated credentials): the account above
-    ## needs roles/iam.serviceAccountTokenCreator on it. `impersonation_delegates` is the
-    ## optional delegation chain.
-    # impersonate_service_account = "ingestd-reader@my-analytics-project.iam.gserviceaccount.com"
-    # impersonation_delegates = []
-
-    ## Cost guard: the most bytes one query of this connection may bill. Each load first
-    ## runs a free dry run: the byte estimate is logged (`bigquery.estimate`, keys source,
-    ## day, bytes) and a query estimated above the limit fails at once with a clear message
-    ## instead of running; the limit is also set on the job, so BigQuery itself refuses a
-    ## query that would bill more. Probes are guarded the same way. Default: no limit.
-    # maximum_bytes_billed = 50_000_000_000
-
-    ## The same per source (keys are source names), overriding the connection's limit.
-    # maximum_bytes_billed_by_source = { orders = 200_000_000_000 }
-
-    ## Extra job labels. Every job also carries app = "ingestd", ingestd_connection,
-    ## ingestd_source and ingestd_step (check, probe, fetch), lowercased and cut to what
-    ## BigQuery allows.
-    # labels = { team = "growth" }
-
-    ## Rows per result page over the REST API (tabledata); default: the source's batch_rows.
-    # page_size = 50000
-
-    ## Read results through the BigQuery Storage Read API (gRPC, Arrow) when
-    ## google-cloud-bigquery-storage is installed: many times faster on large days. The
-    ## account needs roles/bigquery.readSessionUser on `project`; when a read session cannot
-    ## be created the rows are read over REST pages instead, with a warning. Small results
-    ## (one page) are always read over REST.
-    # use_storage_api = true
-
-    ## Parallel Storage Read API streams per load (each holds at most one page in memory).
-    # max_stream_count = 1
-
-    ## Seconds a query job may run (BigQuery cancels it after that); default: no limit.
-    # job_timeout_seconds = 3600.0
-
-    ## How long the client retries a failing API call (a 5xx, a dropped connection) before
-    ## the error reaches the daemon, which then retries the whole step with its own backoff.
-    # retry_seconds = 60.0
-
-    ## Emulators and tests only: the REST endpoint ("http://127.0.0.1:9050"), the Storage Read
-    ## API's gRPC endpoint ("http://HOST:PORT" for plaintext, else "HOST:PORT" with TLS) and
-    ## anonymous credentials (no token is sent).
-    # api_endpoint = "http://127.0.0.1:9050"
-    # storage_api_endpoint = "http://127.0.0.1:9060"
-    # anonymous = false
+google-cloud-bigquery-storage for the Storage Read API). `sample.toml` beside this module is the
+documented configuration: every key, its default, what it does.
 
 Queries name the day with `{day}` (a DATE parameter `@day`), `{start}` and `{end}` (TIMESTAMP
 parameters `@start`/`@end`, in UTC): values travel as query parameters, never as SQL text.
@@ -84,7 +17,8 @@ cost guard applies per source, in probes and loads.
 Streaming: a worker thread runs the job and iterates `RowIterator.to_arrow_iterable` (REST
 pages of `page_size` rows, or Storage Read API pages with a queue of one page per stream), cuts
 and joins the pages into batches of at most `batch_rows` rows, and hands them to the event loop
-through a queue of two batches: memory holds a few pages whatever the day's size. Closing the
+two batches ahead at most (an `ingestd.ThreadStream`): memory holds a few pages whatever the
+day's size. Closing the
 stream stops the thread and cancels a job that is still running. STRUCT and ARRAY columns
 arrive as JSON text; JSON as its text; NUMERIC/BIGNUMERIC as Arrow decimals; DATETIME as a
 timestamp without zone (read as UTC by the mapping); TIMESTAMP as a UTC timestamp.
@@ -122,8 +56,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, TransientError)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
+                    ProbeResult, SourceInfo, ThreadStream, TransientError, rechunk)
 
 
 log = structlog.get_logger("ingestd.bigquery")
@@ -461,77 +395,6 @@ def as_json_text(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
 
-def rechunk(batches: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Batches of exactly `batch_rows` rows (the last one fewer), none empty, from pages of any
-    size: joins small pages, cuts big ones."""
-    pending: list[pa.RecordBatch] = []
-    held = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        held += batch.num_rows
-        while held >= batch_rows:
-            if len(pending) == 1 and pending[0].num_rows == batch_rows:
-                yield pending.pop()
-                held = 0
-                break
-            table = pa.Table.from_batches(pending)
-            head = table.slice(0, batch_rows).combine_chunks()
-            yield head.to_batches()[0]
-            rest = table.slice(batch_rows)
-            pending = [b for b in rest.to_batches() if b.num_rows]
-            held = rest.num_rows
-    if held:
-        table = pa.Table.from_batches(pending).combine_chunks()
-        yield table.to_batches()[0]
-
-
-# -- worker thread to event loop ---------------------------------------------------------------
-
-class _Done:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
-
-
-class _Handoff:
-    """A bounded queue from a worker thread to the event loop: the thread blocks (checking for
-    stop) while `depth` items wait; the loop never blocks a thread to wait for one."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int):
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._credits = threading.Semaphore(depth)
-        self.stop = threading.Event()
-
-    def put(self, item: Any) -> bool:
-        while not self._credits.acquire(timeout=0.1):
-            if self.stop.is_set():
-                return False
-        if self.stop.is_set():
-            return False
-        return self._send(item)
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self._send(_Done(error))
-
-    def _send(self, item: Any) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            return True
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.stop.set()
-            return False
-
-    async def get(self) -> Any:
-        item = await self._queue.get()
-        if not isinstance(item, _Done):
-            self._credits.release()
-        return item
-
-
 class _TrackedReadClient:
     """A BigQueryReadClient that remembers whether the read session was created (so a failure to
     create one can fall back to REST pages before any row was read)."""
@@ -581,7 +444,7 @@ class BigQueryConnector(Connector):
         self._read_client: Any = None
         self._read_client_made = False
         self._lock = asyncio.Lock()
-        self._streams: set[_Handoff] = set()
+        self._streams: set[ThreadStream] = set()
         self._warned_no_storage = False
         self._fallback_warned = False
 
@@ -832,7 +695,6 @@ class BigQueryConnector(Connector):
         config = self._job_config(query, "fetch", source, limit=limit)
         job_id = self._job_id("fetch", source)
         page_size = self.config.page_size or batch_rows
-        handoff = _Handoff(asyncio.get_running_loop(), QUEUE_DEPTH)
         stats: dict[str, Any] = {"path": "rest", "rows": 0}
 
         def pages(job) -> Iterator[pa.RecordBatch]:
@@ -860,56 +722,40 @@ class BigQueryConnector(Connector):
             stats["path"] = "rest"
             yield from job.result(page_size=page_size, retry=self._retry()).to_arrow_iterable()
 
-        def produce() -> None:
-            job, error, batches = None, None, None
+        def produce(out: Outlet) -> None:
+            job = None
             try:
                 job = self._start(client, query.sql, config, job_id)
                 stats["job"] = job
-                if handoff.stop.is_set():  # closed while the job was being created
+                if out.stopped.is_set():  # closed while the job was being created
                     return
-                batches = rechunk((as_json_text(b) for b in pages(job)), batch_rows)
-                for batch in batches:
-                    if not handoff.put(batch):
-                        break
-            except BaseException as exc:  # handed to the event loop and raised there
-                error = exc
+                # put_all closes the pages, so that Storage Read API workers stop with the stream
+                out.put_all(rechunk((as_json_text(b) for b in pages(job)), batch_rows))
+            except Exception as exc:
+                raise self._err(exc) from exc
             finally:
-                if batches is not None:
-                    with contextlib.suppress(Exception):
-                        batches.close()  # closes the page iterators: Storage Read API workers stop
-                if handoff.stop.is_set() and job is not None and job.state != "DONE":
+                if out.stopped.is_set() and job is not None and job.state != "DONE":
                     self._cancel_later(client, job.job_id)
-            handoff.finish(error)
 
-        worker = threading.Thread(target=produce, name=f"ingestd-bigquery-{self.name}", daemon=True)
-        self._streams.add(handoff)
-        worker.start()
-        completed = False
+        # A job still running is cancelled when the stream stops, not when its thread sees it.
+        stream = ThreadStream(produce, depth=QUEUE_DEPTH, interrupt=lambda: self._cancel_later(client, job_id),
+                              name=f"ingestd-bigquery-{self.name}", join_seconds=JOIN_SECONDS)
+        self._streams.add(stream)
         try:
-            while True:
-                item = await handoff.get()
-                if isinstance(item, _Done):
-                    if item.error is not None:
-                        raise self._err(item.error) from item.error
-                    break
-                stats["rows"] += item.num_rows
-                yield item
-            completed = True
-            job = stats.get("job")
-            log.info("bigquery.fetched", connection=self.name, source=src, day=day, rows=stats["rows"],
-                     path=stats["path"], bytes=getattr(job, "total_bytes_processed", None),
-                     bytes_billed=getattr(job, "total_bytes_billed", None), job_id=job_id)
+            async with stream:
+                async for batch in stream:
+                    stats["rows"] += batch.num_rows
+                    yield batch
         finally:
-            handoff.stop.set()
-            self._streams.discard(handoff)
-            if not completed and worker.is_alive():
-                self._cancel_later(client, job_id)  # a job still running stops now, not when its worker sees it
-            if worker.is_alive():
-                await asyncio.to_thread(worker.join, JOIN_SECONDS)
+            self._streams.discard(stream)
+        job = stats.get("job")
+        log.info("bigquery.fetched", connection=self.name, source=src, day=day, rows=stats["rows"],
+                 path=stats["path"], bytes=getattr(job, "total_bytes_processed", None),
+                 bytes_billed=getattr(job, "total_bytes_billed", None), job_id=job_id)
 
     async def close(self) -> None:
-        for handoff in list(self._streams):
-            handoff.stop.set()
+        for stream in list(self._streams):
+            stream.stop()
         client, read_client = self._client, self._read_client
         self._client, self._read_client, self._read_client_made = None, None, False
 

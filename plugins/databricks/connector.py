@@ -1,73 +1,9 @@
 """The Databricks connector (type `databricks`), on databricks-sql-connector's Thrift backend
 (`pip install 'ingestd[databricks]'`; the driver is imported on first use, so the daemon runs
-without it). sample.toml beside this file holds the same sample.
+without it).
 
-    [connections.NAME]
-    type = "databricks"
-
-    ## The workspace host name (required), as on the SQL warehouse's "Connection details" tab
-    ## (a pasted "https://.../" is accepted), and the warehouse's or cluster's HTTP path
-    ## (required): "/sql/1.0/warehouses/<id>" for a SQL warehouse,
-    ## "sql/protocolv1/o/<org>/<cluster>" for an all-purpose cluster.
-    server_hostname = "dbc-a1b2c3d4-e5f6.cloud.databricks.com"
-    http_path = "/sql/1.0/warehouses/1234567890abcdef"
-    # port = 443
-
-    ## Authentication: exactly one of access_token, client_id with client_secret, or
-    ## credentials_provider. Each secret is given inline, as KEY_env = "VARIABLE" or as
-    ## KEY_file = "/path" (systemd: KEY_file = "${CREDENTIALS_DIRECTORY}/databricks-token").
-    ## A personal access token (or a service principal's token):
-    access_token_env = "DATABRICKS_TOKEN"
-    ## OAuth machine-to-machine: a service principal's OAuth client id and secret; ingestd
-    ## asks the workspace's /oidc/v1/token endpoint for tokens (scope all-apis) and renews them.
-    # client_id = "6b2f1e0c-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
-    # client_secret_env = "DATABRICKS_CLIENT_SECRET"
-    ## Any other way the driver supports: "module:callable", a callable the driver calls for
-    ## a header factory (e.g. one built on databricks-sdk's oauth_service_principal, or Azure
-    ## managed identities); the module must be importable by the daemon.
-    # credentials_provider = "mycompany.databricks_auth:provider"
-
-    ## The session's default catalog and schema (Unity Catalog). Unset keys fall back to
-    ## the workspace's defaults; three-part names (catalog.schema.table) work in queries
-    ## whatever these say. The principal needs USE CATALOG, USE SCHEMA and SELECT on what the
-    ## queries read, and CAN USE on the SQL warehouse; `ingestd check` names what is missing.
-    # catalog = "main"
-    # schema = "analytics"
-
-    ## Probe fingerprints with bit_xor and sum of xxhash64(to_json(struct(*))) over the day
-    ## query (needed by detect = "checksum"): it reads every column of the day, which costs
-    ## more warehouse time than COUNT(*) on wide tables; with false, probes count rows only.
-    # fingerprint = true
-
-    ## The time zone TIMESTAMP_NTZ values are wall-clock times in: "source" (each source's
-    ## `timezone`, UTC unless set) or an IANA name such as "UTC". It is also the session's
-    ## time zone (SET TIME ZONE), so TIMESTAMP_NTZ columns compare right with {start}/{end}.
-    # timestamp_ntz_zone = "source"
-
-    ## Large results are downloaded from cloud storage in parallel (the driver's cloud fetch,
-    ## on by default); false reads every page inline through the warehouse.
-    # use_cloud_fetch = true
-
-    ## How long the driver retries a request the warehouse answers with 429 or 503 (a
-    ## stopped warehouse starting, throttling; it waits a quarter of this, 5 to 60 s, between
-    ## tries) before the error reaches the daemon, which then retries the whole step with its
-    ## own backoff; and the socket timeout of one request.
-    # retry_seconds = 120.0
-    # socket_timeout_seconds = 900.0
-
-    ## Spark or Databricks SQL session settings, e.g. { ansi_mode = "true" }. QUERY_TAGS is
-    ## set by ingestd; the time zone comes from timestamp_ntz_zone.
-    # session_configuration = {}
-
-    ## More query tags, shown in the warehouse's query history with ingestd's own
-    ## (app = "ingestd", connection and source names), e.g. { team = "growth" }.
-    # query_tags = {}
-
-    ## Appended to the driver's User-Agent, so the query history shows ingestd's queries.
-    # user_agent_entry = "ingestd"
-
-    ## A CA bundle to trust instead of the system's (a TLS-inspecting proxy, a test server).
-    # tls_ca_file = "/etc/ssl/certs/corp-ca.pem"
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Sessions. Each source gets its own Databricks sessions, opened on first use and kept for the next
 call (one idle for 30 minutes is closed at the next call, all are closed when the daemon stops).
@@ -84,8 +20,8 @@ its mapped column quoted with backticks.
 Streaming. A worker thread runs the query and reads it with `fetchmany_arrow(batch_rows)`
 (cloud fetch links or inline Arrow pages, as the warehouse sends them), cuts and joins the
 tables into record batches of exactly `batch_rows` rows (the last one of a day is smaller) and
-hands them to the event loop through a queue of two batches. Closing the stream stops the worker
-and cancels a query that is still running.
+hands them to the event loop two batches ahead at most (an `ingestd.ThreadStream`). Closing the
+stream stops the worker and cancels a statement that is still running.
 
 Types. TINYINT..BIGINT arrive as int64, FLOAT and DOUBLE as float64, DECIMAL(p,s) as
 decimal128(p,s), BOOLEAN, STRING, DATE as date32, BINARY; TIMESTAMP as timestamp[us, UTC];
@@ -130,8 +66,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                     Secret, SourceInfo, TransientError)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
+                     ProbeResult, Secret, SourceInfo, ThreadStream, TransientError, rechunk)
 
 log = structlog.get_logger("ingestd.databricks")
 T = TypeVar("T")
@@ -445,109 +381,8 @@ def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-# -- hand-off and re-chunking -----------------------------------------------------------------
-# Private copies of what the architecture issue's shared helpers (`ingestd.streams`) will give:
-# cutting Arrow chunks to batch_rows, and handing batches from a worker thread to the event loop
-# with back-pressure and cancellation. Swap these two classes for the shared ones when they land.
-
-class _Rechunker:
-    """Cuts and joins a stream of Arrow tables of any sizes into record batches of exactly
-    `batch_rows` rows (the last one may be smaller), all with the first chunk's schema."""
-
-    def __init__(self, batch_rows: int):
-        if batch_rows < 1:
-            raise ValueError("batch_rows must be at least 1")
-        self.batch_rows = batch_rows
-        self.schema: pa.Schema | None = None
-        self._pending: list[pa.RecordBatch] = []
-        self._rows = 0
-
-    def push(self, data: pa.Table | pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        for batch in data.to_batches() if isinstance(data, pa.Table) else [data]:
-            if batch.num_rows == 0:
-                continue
-            batch = self._conform(batch)
-            offset = 0
-            while offset < batch.num_rows:
-                take = min(self.batch_rows - self._rows, batch.num_rows - offset)
-                piece = batch.slice(offset, take)
-                offset += take
-                if not self._pending and take == self.batch_rows:
-                    yield piece
-                    continue
-                self._pending.append(piece)
-                self._rows += take
-                if self._rows == self.batch_rows:
-                    yield self._drain()
-
-    def flush(self) -> Iterator[pa.RecordBatch]:
-        if self._rows:
-            yield self._drain()
-
-    def _drain(self) -> pa.RecordBatch:
-        pending, self._pending, self._rows = self._pending, [], 0
-        if len(pending) == 1:
-            return pending[0]
-        table = pa.Table.from_batches(pending).combine_chunks()
-        return table.to_batches(max_chunksize=table.num_rows)[0]
-
-    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self.schema is None:
-            self.schema = batch.schema
-            return batch
-        if batch.schema.equals(self.schema):
-            return batch
-        try:
-            return batch.cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, TypeError) as exc:
-            raise PermanentError(f"the result's columns changed type between chunks ({self.schema} then "
-                                 f"{batch.schema}): {exc}") from None
-
-
 class _Stopped(Exception):
     """The caller went away (cancelled, or closed the stream): stop working, quietly."""
-
-
-class _End:
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
-
-
-class _Pump:
-    """Hands items from a worker thread to the event loop, at most `depth` waiting: `put` blocks
-    the thread while they are all waiting and gives up (False) once `stopped` is set."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = 2):
-        self._loop = loop
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._slots = threading.Semaphore(depth)
-        self.stopped = threading.Event()
-
-    def put(self, item: Any) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if self.stopped.is_set():
-                return False
-        if self.stopped.is_set():
-            return False
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.stopped.set()
-            return False
-        return True
-
-    def end(self, error: BaseException | None = None) -> None:
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _End(error))
-
-    async def get(self) -> Any:
-        item = await self._queue.get()
-        if not isinstance(item, _End):
-            self._slots.release()
-        return item
-
-    def stop(self) -> None:
-        self.stopped.set()
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -836,73 +671,53 @@ class DatabricksConnector(Connector):
         key = self._key(query, source)
         zone = self._zone(query)
         params = self._params(query)
-        pump = _Pump(asyncio.get_running_loop())
         holder: dict[str, _Session] = {}
 
-        def produce(session: _Session) -> None:
+        def produce(session: _Session, out: Outlet) -> None:
             holder["session"] = session
-            cur = self._execute(session, query.sql, params, pump.stopped)
+            cur = self._execute(session, query.sql, params, out.stopped)
             sent = False
+
+            def tables() -> Iterator[pa.Table]:
+                while (table := cur.fetchmany_arrow(batch_rows)).num_rows:
+                    yield normalize(table, zone)
+
             try:
-                rechunker = _Rechunker(batch_rows)
-                try:
-                    while True:
-                        table = cur.fetchmany_arrow(batch_rows)
-                        if table.num_rows == 0:
-                            break
-                        for batch in rechunker.push(normalize(table, zone)):
-                            if not pump.put(batch):
-                                raise _Stopped
-                            sent = True
-                    for batch in rechunker.flush():
-                        if not pump.put(batch):
-                            raise _Stopped
-                except _Stopped:
+                for batch in rechunk(tables(), batch_rows):
+                    if not out.put(batch):
+                        raise _Stopped
+                    sent = True
+            except _Stopped:
+                raise
+            except Exception as exc:
+                if out.stopped.is_set():
+                    raise _Stopped from None
+                if not sent:
                     raise
-                except Exception as exc:
-                    if pump.stopped.is_set():
-                        raise _Stopped from None
-                    if not sent:
-                        raise
-                    # rows went out already: no silent retry on a new session, the kernel retries the load
-                    error = translate(exc, self.config)
-                    if error is exc:
-                        raise
-                    raise error from exc
+                # rows went out already: no silent retry on a new session, the kernel retries the load
+                error = translate(exc, self.config)
+                if error is exc:
+                    raise
+                raise error from exc
             finally:
                 with contextlib.suppress(Exception):
                     cur.close()
 
-        def worker() -> None:
-            try:
-                self._with_session(key, produce)
-            except _Stopped:
-                pump.end()
-            except BaseException as exc:
-                pump.end(exc)
-            else:
-                pump.end()
+        def worker(out: Outlet) -> None:
+            with contextlib.suppress(_Stopped):
+                self._with_session(key, lambda session: produce(session, out))
 
-        thread = threading.Thread(target=worker, name=f"ingestd-databricks-{self.name}", daemon=True)
-        thread.start()
-        finished = False
-        try:
-            while True:
-                item = await pump.get()
-                if isinstance(item, _End):
-                    finished = True
-                    if item.error is not None:
-                        raise item.error
-                    return
-                yield item
-        finally:
-            pump.stop()
+        def interrupt() -> None:
             session = holder.get("session")
-            if not finished and session is not None and session.cursor is not None:
-                await asyncio.to_thread(_cancel, session.cursor)
-            deadline = time.monotonic() + STOP_WAIT_SECONDS
-            while thread.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            if session is not None and session.cursor is not None:
+                _cancel(session.cursor)
+
+        stream: ThreadStream[pa.RecordBatch] = ThreadStream(
+            worker, depth=2, interrupt=interrupt, name=f"ingestd-databricks-{self.name}",
+            join_seconds=STOP_WAIT_SECONDS)
+        async with stream:
+            async for batch in stream:
+                yield batch
 
     async def close(self) -> None:
         """Close the idle sessions; sessions still in use are closed when their call ends."""

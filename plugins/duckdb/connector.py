@@ -4,28 +4,8 @@ It is the embedded default: with `demo = true` the file is created with a few we
 events and metrics (see `plugins.demo_warehouse`), and each newly completed UTC day "lands"
 before the next check, probe or fetch, so the daemon has something to load every day.
 
-    [connections.NAME]
-    type = "duckdb"
-
-    ## The warehouse file (required). Relative paths are taken from daemon.toml's folder.
-    path = "var/warehouse.duckdb"
-
-    ## Demo mode: when the file is missing, create it (and its folder) with the tables
-    ## events_raw and metrics_daily; before each check, probe or fetch, land every completed
-    ## UTC day since the first demo day that has not been landed yet. Days are generated from
-    ## their date, so the same day always has the same rows. A file that exists without the
-    ## demo tables is left untouched.
-    # demo = false
-
-    ## Demo mode: days of history created with a new demo warehouse, ending yesterday (UTC).
-    # demo_days = 21
-
-    ## Demo mode: event rows per demo day (about: fewer at weekends); metrics_daily gets a
-    ## fifth as many rows (one per user and metric).
-    # demo_rows_per_day = 5000
-
-    ## DuckDB worker threads per query.
-    # threads = 1
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Every call opens its own connection, read-only, and closes it when done: DuckDB allows one
 writing process per file, so the connector never holds a lock between calls and a process that
@@ -41,7 +21,6 @@ may change every fingerprint once (the re-check then reloads the days in its loo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import re
 import threading
@@ -55,7 +34,7 @@ import pyarrow as pa
 import structlog
 
 from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, TransientError)
+                    SourceInfo, ThreadSession, TransientError, rechunk)
 
 from .demo_warehouse import ensure_demo_warehouse
 
@@ -162,61 +141,6 @@ def _gate_for(path: Path) -> _Gate:
         return _gates.setdefault(str(path), _Gate())
 
 
-class _Session:
-    """One connection's life. Worker threads take turns on it under `_lock` (a DuckDB connection
-    must not be used by two threads at once); `close`, from any thread, interrupts what runs
-    until the lock is free, then closes. DuckDB forgets an interrupt that comes before a query
-    starts, hence the repeated interrupts."""
-
-    def __init__(self, connect: Callable[[], duckdb.DuckDBPyConnection], gate: _Gate):
-        self._connect = connect
-        self._gate = gate
-        self._lock = threading.Lock()
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._reading = False
-        self._stopping = False
-        self.on_close: list[Callable[[], object]] = []
-
-    def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        with self._lock:
-            if self._stopping:
-                raise TransientError("the call was stopped")
-            if self._con is None:
-                self._gate.enter_reader()
-                self._reading = True
-                self._con = self._connect()
-            return work(self._con)
-
-    def close(self) -> None:
-        self._stopping = True
-        while not self._lock.acquire(timeout=0.05):
-            con = self._con
-            if con is not None:
-                with contextlib.suppress(Exception):
-                    con.interrupt()
-        try:
-            for close in self.on_close:
-                with contextlib.suppress(Exception):
-                    close()
-            self.on_close.clear()
-            if self._con is not None:
-                with contextlib.suppress(Exception):
-                    self._con.close()
-                self._con = None
-            if self._reading:
-                self._reading = False
-                self._gate.leave_reader()
-        finally:
-            self._lock.release()
-
-
-def _next_batch(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:
-    try:
-        return reader.read_next_batch()
-    except StopIteration:
-        return None
-
-
 class DuckDBConnector(Connector):
     type_name = "duckdb"
     config_model = DuckDBConfig
@@ -282,16 +206,33 @@ class DuckDBConnector(Connector):
             raise
         return con
 
+    def _session(self) -> ThreadSession[duckdb.DuckDBPyConnection]:
+        """A connection of its own, as a reader of the file's gate, on a thread of its own;
+        closing the session interrupts a query still running."""
+        def connect() -> duckdb.DuckDBPyConnection:
+            self._gate.enter_reader()
+            try:
+                return self._connect()
+            except BaseException:
+                self._gate.leave_reader()
+                raise
+
+        def close(con: duckdb.DuckDBPyConnection) -> None:
+            try:
+                con.close()
+            finally:
+                self._gate.leave_reader()
+
+        return ThreadSession(connect, close=close, interrupt=lambda con: con.interrupt(),
+                             name=f"ingestd-duckdb-{self.name}")
+
     async def _call(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        """Run `work` on a connection of its own in a worker thread; a cancelled call interrupts
-        the query instead of leaving it running."""
-        session = _Session(self._connect, self._gate)
-        try:
-            return await asyncio.to_thread(session.run, work)
-        except duckdb.Error as exc:
-            raise translate(exc, self.path) from exc
-        finally:
-            await asyncio.to_thread(session.close)
+        """Run `work` on a connection of its own, off the event loop."""
+        async with self._session() as session:
+            try:
+                return await session.call(work)
+            except duckdb.Error as exc:
+                raise translate(exc, self.path) from exc
 
     # -- the connector API ---------------------------------------------------------------------
 
@@ -314,29 +255,18 @@ class DuckDBConnector(Connector):
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
         await self._land()
-        session = _Session(self._connect, self._gate)
+        async with self._session() as session:
+            def start(con: duckdb.DuckDBPyConnection):
+                reader = con.sql(query.sql, params=query.params).to_arrow_reader(batch_rows)
+                session.on_close(reader.close)
+                return rechunk(reader, batch_rows)
 
-        def start(con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
-            reader = con.sql(query.sql, params=query.params).to_arrow_reader(batch_rows)
-            session.on_close.append(reader.close)
-            return reader
-
-        try:
             try:
-                reader = await asyncio.to_thread(session.run, start)
+                batches = await session.call(start)
+                while (batch := await session.call(lambda con: next(batches, None))) is not None:
+                    yield batch
             except duckdb.Error as exc:
                 raise translate(exc, self.path) from exc
-            while True:
-                try:
-                    batch = await asyncio.to_thread(session.run, lambda con: _next_batch(reader))
-                except duckdb.Error as exc:
-                    raise translate(exc, self.path) from exc
-                if batch is None:
-                    return
-                for offset in range(0, batch.num_rows, batch_rows):
-                    yield batch.slice(offset, batch_rows)
-        finally:
-            await asyncio.to_thread(session.close)
 
     async def close(self) -> None:
         """Nothing to release: every call closes its own connection."""

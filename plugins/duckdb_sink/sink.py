@@ -1,22 +1,7 @@
 """Sink type `duckdb`: a DuckDB file holding the views `events` and `metrics`.
 
-    [sinks.NAME]
-    type = "duckdb"
-
-    ## The DuckDB file (required; parent folders are created). Relative paths are taken from
-    ## daemon.toml's folder.
-    path = "var/analytics.duckdb"
-
-    ## Rows appended per committed transaction while a generation is written: bounds memory.
-    # chunk_rows = 200000
-
-    ## DuckDB settings; DuckDB's defaults when unset.
-    # threads = 2
-    # memory_limit = "1GB"
-
-    ## How long a write waits for another process (an analyst's read-only session) to release
-    ## the file before the load fails (and is retried at the next window).
-    # lock_wait_seconds = 60.0
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Layout of the file:
 

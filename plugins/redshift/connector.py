@@ -1,76 +1,25 @@
 """The Amazon Redshift connector (type `redshift`), on AWS's `redshift-connector` driver.
 
-Install the driver with `pip install 'ingestd[redshift]'`.
-
-    [connections.NAME]
-    type = "redshift"
-
-    ## The cluster's or Serverless workgroup's endpoint, and the database (required; with
-    ## iam = true the host may be left out: the driver looks it up from cluster_identifier or
-    ## workgroup).
-    host = "examplecluster.abc123xyz789.us-west-2.redshift.amazonaws.com"
-    # port = 5439
-    database = "dev"
-
-    ## The database user, and its password as one of password_env, password_file or password.
-    ## Give the user SELECT on the tables the source queries read, and USAGE on their schemas;
-    ## `ingestd check` names the grant that is missing.
-    user = "ingestd"
-    password_env = "REDSHIFT_PASSWORD"
-    # password_file = "${CREDENTIALS_DIRECTORY}/redshift-password"
-
-    ## IAM authentication instead of a password: temporary database credentials from
-    ## GetClusterCredentials (a provisioned cluster: cluster_identifier) or from Redshift
-    ## Serverless (workgroup). AWS credentials come from `profile`, from the access keys, or else
-    ## from the usual AWS chain (environment, instance or task role). With IAM, `user` is the
-    ## database user to log in as (optional for Serverless and for GetClusterCredentialsWithIAM).
-    # iam = false
-    # cluster_identifier = "examplecluster"
-    # workgroup = "default-workgroup"
-    # region = "us-west-2"
-    # profile = "analytics"
-    # access_key_id_env = "AWS_ACCESS_KEY_ID"
-    # secret_access_key_env = "AWS_SECRET_ACCESS_KEY"
-    # session_token_env = "AWS_SESSION_TOKEN"
-
-    ## TLS. sslmode "verify-ca": the server's certificate must chain to the Redshift CA bundle
-    ## shipped with the driver (or a system CA); "verify-full": and its name must match host.
-    ## ssl = false only for a test server without TLS (IAM needs TLS).
-    # ssl = true
-    # sslmode = "verify-ca"
-
-    ## Shown in STV_SESSIONS and SYS_QUERY_HISTORY, to tell ingestd's queries apart.
-    # application_name = "ingestd"
-
-    ## Server-side limit on every statement (the probe, the DECLARE that runs the day query,
-    ## each FETCH), in milliseconds; 0 leaves the cluster's own setting.
-    # statement_timeout_ms = 3600000
-
-    ## Rows per FETCH FORWARD round trip. The default works on every Redshift: single-node
-    ## clusters refuse more than 1000. On multi-node clusters AWS suggests 4000 or more, which
-    ## saves round trips (memory grows with fetch_size and the source's batch_rows, never with the
-    ## day's size).
-    # fetch_size = 1000
-
-    ## Seconds to wait while connecting and logging in.
-    # timeout = 30
+Install the driver with `pip install 'ingestd[redshift]'`. `sample.toml` beside this module is the
+documented configuration: every key, its default, what it does.
 
 How a day is read. Every call opens its own connection (session time zone UTC, the statement
 timeout and application name set) and closes it when done, so nothing is held between windows.
 `probe` runs `SELECT COUNT(*) FROM (<day query>) q`. `fetch` streams: in a transaction it runs
 `DECLARE ingestd_<id> CURSOR FOR <day query>` and then `FETCH FORWARD fetch_size` until the
 cursor is drained. A plain `execute` + `fetchmany` would not do: redshift-connector reads the
-whole result into memory first. The fetching runs in a thread of its own, which decodes each
-FETCH's rows, turns them into an Arrow record batch and hands it on through a bounded queue
-(about one `batch_rows` ahead), while the kernel maps and writes the batches before (in DuckDB
-or the sink's driver, without the interpreter lock). Memory therefore holds a few batches,
-whatever the size of the day. Decoding is the limit of one stream, so the fetch session decodes
-faster than the driver's defaults: timestamps and text stay wire values that Arrow converts a
-column at a time, and rows are cut by a DataRow handler that sets itself up once per result
-(see `use_raw_values` and `use_fast_data_rows`; `BENCHMARKS.md` has the figures). For more than
-one core's worth of decoding, set the source's `slices`. Closing the stream early (or cancelling
-the load) stops the fetch thread, cancels a statement still running on the server (a PostgreSQL
-CancelRequest) and closes the session, which closes the cursor. TCP keepalives are on, and a
+whole result into memory first. The fetching runs in a thread of its own (an
+`ingestd.ThreadStream`), which decodes each FETCH's rows, turns them into an Arrow record batch,
+cuts them into batches of `batch_rows` and hands those on one batch ahead, while the kernel maps
+and writes the batches before (in DuckDB or the sink's driver, without the interpreter lock).
+Memory therefore holds a few batches, whatever the size of the day. Decoding is the limit of one
+stream, so the fetch session decodes faster than the driver's defaults: timestamps and text stay
+wire values that Arrow converts a column at a time, and rows are cut by a DataRow handler that
+sets itself up once per result (fast_rows.py says how, and which driver internals it relies on;
+`BENCHMARKS.md` has the figures). For more than one core's worth of decoding, set the source's
+`slices`. Closing the stream early (or cancelling the load) stops the fetch thread, cancels a
+statement still running on the server (a PostgreSQL CancelRequest) and closes the session, which
+closes the cursor. TCP keepalives are on, and a
 session that hears nothing from the server for a minute past statement_timeout_ms is taken as
 lost (a transient error), so a dead network never hangs a load.
 
@@ -116,8 +65,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
-import queue
 import re
 import socket
 import struct
@@ -129,11 +76,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    Secret, SourceInfo, TransientError, quote_ident)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
+                    ProbeResult, Rechunker, Secret, SourceInfo, ThreadStream, TransientError, quote_ident)
+
+from .fast_rows import raw_array, use_fast_data_rows, use_raw_values
 
 
 log = structlog.get_logger("ingestd.redshift")
@@ -397,7 +345,7 @@ class _Column:
     oid: int
     type: pa.DataType
     raw: bool = False
-    """The driver hands this column's values over as they are on the wire (see `_RAW_DECODERS`)."""
+    """The driver hands this column's values over as they are on the wire (see fast_rows.py)."""
 
 
 def _columns(cursor, raw_oids: frozenset[int] = frozenset()) -> list[_Column]:
@@ -409,112 +357,6 @@ def _columns(cursor, raw_oids: frozenset[int] = frozenset()) -> list[_Column]:
         modifier = row_desc[i].get("type_modifier", -1) if i < len(row_desc) else -1
         out.append(_Column(str(col[0]), oid, arrow_type(oid, modifier), oid in raw_oids))
     return out
-
-
-# Three changes to how a fetch session's driver decodes rows, each made only where the connection
-# still has the driver's own piece in place (so another driver version, or a server speaking the
-# text format, keeps the driver's path unchanged):
-#
-# - TIMESTAMP/TIMESTAMPTZ: the driver turns every binary value into a Python datetime (a Timedelta
-#   and an addition per value, a sixth of its decoding time) which `rows_to_batch` then turns into
-#   an integer again. The session keeps the wire's int64 (microseconds since 2000-01-01) instead,
-#   and `_raw_timestamps` converts whole columns in Arrow.
-# - text types: the driver decodes each value to a Python str; the session keeps the wire's UTF-8
-#   bytes, and Arrow checks and takes a whole column of them at once.
-# - DataRow messages: the driver's handler rebuilds the list of column decoders for every row
-#   (`Cursor.truncated_row_desc`) and logs a debug line per row. The session's handler builds the
-#   list once per result and decodes each value with the same decoder the driver would use.
-_Q_UNPACK = struct.Struct("!q").unpack_from
-_I_UNPACK = struct.Struct("!i").unpack_from
-PG_EPOCH_US = 946_684_800_000_000
-"""2000-01-01 in microseconds since 1970-01-01."""
-_DATETIME_MIN_US = -62_135_596_800_000_000 - PG_EPOCH_US
-_DATETIME_MAX_US = 253_402_300_799_999_999 - PG_EPOCH_US
-"""datetime.min/max, where the driver clamps ±infinity and out-of-range values; so do we."""
-
-
-def _int64_recv(data: bytes, offset: int, length: int) -> int:
-    return _Q_UNPACK(data, offset)[0]
-
-
-def _bytes_recv(data: bytes, offset: int, length: int) -> bytes:
-    return data[offset:offset + length]
-
-
-_FC_BINARY = 1
-_RAW_DECODERS: dict[int, tuple[str, int | None, Callable[[bytes, int, int], Any]]] = {
-    # oid: (the driver's decoder it replaces, the format code it must have (None: any), ours)
-    1114: ("timestamp_recv_integer", _FC_BINARY, _int64_recv),
-    1184: ("timestamptz_recv_integer", _FC_BINARY, _int64_recv),
-    **{oid: ("text_recv", None, _bytes_recv) for oid in (18, 19, 25, 705, 1042, 1043, 4000)},
-}
-
-
-def use_raw_values(con) -> frozenset[int]:
-    """Make `con` hand TIMESTAMP/TIMESTAMPTZ values over as wire integers and text as UTF-8
-    bytes; the OIDs it did this for (`rows_to_batch` converts those columns)."""
-    types = getattr(con, "redshift_types", None)
-    if not isinstance(types, dict):
-        return frozenset()
-    done = set()
-    for oid, (driver_fn, fmt_needed, ours) in _RAW_DECODERS.items():
-        fmt, fn = types.get(oid, (None, None))
-        if getattr(fn, "__name__", None) == driver_fn and fmt_needed in (None, fmt):
-            types[oid] = (fmt, ours)
-            done.add(oid)
-    return frozenset(done)
-
-
-def _row_decoders(cursor) -> list[Callable[[bytes, int, int], Any]]:
-    decoders = []
-    for desc in cursor.truncated_row_desc():
-        if len(desc) == 2:  # a binary NUMERIC's decoder takes the column's scale
-            decoders.append(lambda data, offset, length, _f=desc[0], _scale=desc[1]: _f(data, offset, length, _scale))
-        else:
-            decoders.append(desc[0])
-    return decoders
-
-
-def use_fast_data_rows(con) -> bool:
-    """Give `con` a DataRow handler that does what the driver's does, minus its per-row set-up."""
-    handlers = getattr(con, "message_types", None)
-    original = handlers.get(b"D") if isinstance(handlers, dict) else None
-    if getattr(original, "__name__", None) != "handle_DATA_ROW":
-        return False
-    cached: list = [None, None]  # the result's prepared statement, its decoders
-
-    def handle_data_row(data: bytes, cursor) -> None:
-        ps = cursor.ps
-        if ps is not cached[0]:
-            cached[0], cached[1] = ps, _row_decoders(cursor)
-        row = []
-        append = row.append
-        offset = 2
-        for decode in cached[1]:
-            length = _I_UNPACK(data, offset)[0]
-            offset += 4
-            if length == -1:
-                append(None)
-            else:
-                append(decode(data, offset, length))
-                offset += length
-        cursor._cached_rows.append(row)
-
-    handlers[b"D"] = handle_data_row
-    return True
-
-
-def _raw_array(values, typ: pa.DataType) -> pa.Array:
-    if pa.types.is_timestamp(typ):
-        return _raw_timestamps(values, typ)
-    return pa.array(values, pa.binary()).cast(typ)  # UTF-8 bytes: Arrow validates the column
-
-
-def _raw_timestamps(values, typ: pa.DataType) -> pa.Array:
-    micros = pa.array(values, pa.int64())
-    micros = pc.min_element_wise(micros, _DATETIME_MAX_US, skip_nulls=False)
-    micros = pc.max_element_wise(micros, _DATETIME_MIN_US, skip_nulls=False)
-    return pc.add(micros, PG_EPOCH_US).cast(typ)
 
 
 def _values(column: _Column, values: tuple) -> list | tuple:
@@ -535,7 +377,7 @@ def rows_to_batch(columns: list[_Column], rows: list | tuple) -> pa.RecordBatch:
     arrays = []
     for column, values in zip(columns, zip(*rows)):
         try:
-            arrays.append(_raw_array(values, column.type) if column.raw
+            arrays.append(raw_array(values, column.type) if column.raw
                           else pa.array(_values(column, values), type=column.type))
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             raise PermanentError(f"column {column.name!r} (type oid {column.oid}) could not be converted to "
@@ -627,128 +469,6 @@ def _cancel_request(con) -> bool:
         return True
     except OSError:
         return False
-
-
-# -- the fetch pipeline -------------------------------------------------------------------------
-
-_END = object()
-
-
-class _Fetcher:
-    """Reads a day through a server-side cursor in a thread of its own.
-
-    The thread turns each FETCH's rows into an Arrow record batch and puts it in a queue holding
-    about one batch_rows' worth; `next_batch` (run in a worker thread by the async side) re-cuts
-    them into batches of at most batch_rows rows. The conversion runs in the fetch thread, not
-    beside it: decoding and converting both hold the interpreter lock, so a second thread could not
-    run them at once, and each of the fetch thread's socket reads would hand it the lock for a
-    whole switch interval."""
-
-    def __init__(self, connector: "RedshiftConnector", query: DayQuery, batch_rows: int):
-        self.connector = connector
-        self.query = query
-        self.batch_rows = batch_rows
-        self.fetch_size = connector.config.fetch_size
-        self.queue: queue.Queue = queue.Queue(maxsize=max(2, math.ceil(batch_rows / self.fetch_size)))
-        self.stop = threading.Event()
-        self.session = _Session(connector)
-        self.thread = threading.Thread(target=self._run, name=f"redshift-fetch-{connector.name}", daemon=True)
-        self.cursor_name = f"ingestd_{uuid.uuid4().hex[:16]}"
-        self.columns: list[_Column] | None = None
-        self.fetched = 0
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
-        self._done = False
-
-    # fetch thread ---------------------------------------------------------------------------
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            con = self.session.open()
-            raw_oids = use_raw_values(con)
-            use_fast_data_rows(con)
-            cursor = self.session.cursor()
-            cursor.execute(f"DECLARE {self.cursor_name} CURSOR FOR\n{self.query.sql}\n", self.query.params)
-            statement = f"FETCH FORWARD {int(self.fetch_size)} FROM {self.cursor_name}"
-            while not self.stop.is_set():
-                cursor.execute(statement)
-                rows = cursor.fetchall()
-                if self.columns is None:
-                    self.columns = _columns(cursor, raw_oids)
-                got = len(rows)
-                if rows:
-                    self.fetched += got
-                    batch = rows_to_batch(self.columns, rows)
-                    del rows
-                    if not self._put(batch):
-                        return
-                if got < self.fetch_size:
-                    break
-            if not self.stop.is_set():
-                cursor.execute(f"CLOSE {self.cursor_name}")
-                con.rollback()  # read only: nothing to commit
-                self._put(_END)
-        except BaseException as exc:  # handed to the reading side, which raises it
-            if not self.stop.is_set():
-                self._put(translate(exc, self.connector.where))
-        finally:
-            self.session.close()
-
-    # reading side (worker threads of the event loop) ---------------------------------------------
-
-    def _take(self):
-        while True:
-            try:
-                return self.queue.get(timeout=0.1)
-            except queue.Empty:
-                if self.stop.is_set():
-                    return _END
-                if not self.thread.is_alive() and self.queue.empty():
-                    return TransientError("the fetch thread ended without a result", code="08006")
-
-    def next_batch(self) -> pa.RecordBatch | None:
-        while self._pending_rows < self.batch_rows and not self._done:
-            item = self._take()
-            if item is _END:
-                self._done = True
-                break
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._pending.append(item)
-            self._pending_rows += item.num_rows
-        if not self._pending_rows:
-            return None
-        take = min(self.batch_rows, self._pending_rows)
-        if len(self._pending) == 1 and self._pending[0].num_rows == take:
-            batch = self._pending.pop()
-        else:
-            table = pa.Table.from_batches(self._pending)
-            batch = table.slice(0, take).combine_chunks().to_batches(max_chunksize=take)[0]
-            rest = table.slice(take)
-            self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
-        self._pending_rows -= take
-        return batch
-
-    def shutdown(self) -> None:
-        """Stop the thread, cancel a running statement, close the session; wait for it."""
-        self.stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.queue.get_nowait()
-        self.thread.join(0.2)
-        if self.thread.is_alive():
-            self.session.interrupt()
-            self.thread.join(10)
 
 
 # -- the connector ----------------------------------------------------------------------------------
@@ -865,20 +585,61 @@ class RedshiftConnector(Connector):
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
         _driver()
-        fetcher = _Fetcher(self, query, batch_rows)
+        session = _Session(self)
+        stream = ThreadStream(lambda out: self._produce(session, query, batch_rows, out), depth=1,
+                              interrupt=session.interrupt, name=f"redshift-fetch-{self.name}")
         started = time.monotonic()
-        fetcher.thread.start()
         yielded = 0
-        try:
-            while True:
-                batch = await asyncio.to_thread(fetcher.next_batch)
-                if batch is None:
-                    break
+        async with stream:
+            async for batch in stream:
                 yielded += batch.num_rows
                 yield batch
-            log.debug("fetch.done", connection=self.name, rows=yielded, seconds=round(time.monotonic() - started, 3))
+        log.debug("fetch.done", connection=self.name, rows=yielded, seconds=round(time.monotonic() - started, 3))
+
+    def _produce(self, session: _Session, query: DayQuery, batch_rows: int, out: Outlet) -> None:
+        """The fetch thread: DECLARE the day's cursor, FETCH until it is drained, and put the rows
+        as record batches of batch_rows. Decoding, the conversion to Arrow and the re-chunking all
+        run here, not beside it: decoding and converting both hold the interpreter lock, so a
+        second thread could not run them at once, and each of this thread's socket reads would
+        hand it the lock for a whole switch interval."""
+        fetch_size = self.config.fetch_size
+        cursor_name = f"ingestd_{uuid.uuid4().hex[:16]}"
+        rechunker = Rechunker(batch_rows)
+        try:
+            con = session.open()
+            raw_oids = use_raw_values(con)
+            use_fast_data_rows(con)
+            cursor = session.cursor()
+            cursor.execute(f"DECLARE {cursor_name} CURSOR FOR\n{query.sql}\n", query.params)
+            statement = f"FETCH FORWARD {int(fetch_size)} FROM {cursor_name}"
+            columns: list[_Column] | None = None
+            while not out.stopped.is_set():
+                cursor.execute(statement)
+                rows = cursor.fetchall()
+                if columns is None:
+                    columns = _columns(cursor, raw_oids)
+                got = len(rows)
+                if rows:
+                    batch = rows_to_batch(columns, rows)
+                    del rows
+                    if not out.put_all(rechunker.push(batch)):
+                        return
+                if got < fetch_size:
+                    break
+            if out.stopped.is_set():
+                return
+            cursor.execute(f"CLOSE {cursor_name}")
+            con.rollback()  # read only: nothing to commit
+            out.put_all(rechunker.flush())
+        except Exception as exc:
+            if out.stopped.is_set():
+                return  # interrupted on purpose: nobody reads the error
+            error = translate(exc, self.where)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
-            await asyncio.to_thread(fetcher.shutdown)
+            session.close()
 
     async def close(self) -> None:
         """Nothing to release: every call closes its own session."""

@@ -1,77 +1,15 @@
 """The Snowflake connector (type `snowflake`), on snowflake-connector-python (`pip install
 'ingestd[snowflake]'`; the driver is imported on first use, so the daemon runs without it).
 
-    [connections.NAME]
-    type = "snowflake"
-
-    ## Account identifier (required): `org-account` (e.g. "myorg-myaccount") or the legacy
-    ## locator, with region and cloud where needed (e.g. "xy12345.eu-west-1"). A pasted URL
-    ## ("https://myorg-myaccount.snowflakecomputing.com") is accepted too.
-    account = "myorg-myaccount"
-
-    ## Login name (required, except with an OAuth token, where Snowflake takes it from the token).
-    user = "INGESTD"
-
-    ## Authentication: exactly one of password, private_key_file or token. Each secret is given
-    ## inline, as KEY_env = "VARIABLE" or as KEY_file = "/path" (systemd: KEY_file =
-    ## "${CREDENTIALS_DIRECTORY}/snowflake-password").
-    password_env = "SNOWFLAKE_PASSWORD"
-    ## Key-pair authentication: a PEM (or DER) PKCS#8 private key whose public key is set on the
-    ## user (ALTER USER ... SET RSA_PUBLIC_KEY = '...'). Relative paths are taken from
-    ## daemon.toml's folder. An encrypted key needs its passphrase.
-    # private_key_file = "snowflake_key.p8"
-    # private_key_passphrase_env = "SNOWFLAKE_KEY_PASSPHRASE"
-    ## OAuth access token (authenticator "oauth").
-    # token_file = "/run/secrets/snowflake-oauth-token"
-
-    ## Session context. Unset keys fall back to the user's defaults in Snowflake. The role needs
-    ## USAGE on the warehouse, database and schema and SELECT on what the queries read.
-    role = "INGESTD_READER"
-    warehouse = "INGESTD_WH"
-    # database = "ANALYTICS"
-    # schema = "PUBLIC"
-
-    ## Probe fingerprints with HASH_AGG(*) over the day query (needed by detect = "checksum").
-    ## It reads every column of the day, which costs more warehouse time than COUNT(*) on wide
-    ## tables; with false, probes count rows only and checksum sources compare counts.
-    # fingerprint = true
-
-    ## The time zone TIMESTAMP_NTZ values are wall-clock times in: "source" (each source's
-    ## `timezone`, UTC unless set) or an IANA name such as "UTC" when NTZ columns hold UTC
-    ## whatever the source's day boundaries. It is also the session's TIMEZONE.
-    # timestamp_ntz_zone = "source"
-
-    ## Give result columns whose names are all upper case (how Snowflake returns unquoted
-    ## identifiers: `SELECT ts` yields TS) in lower case, so a mapping says `ts`. With false,
-    ## mappings use Snowflake's names exactly.
-    # lowercase_columns = true
-
-    ## Seconds to wait for a login, and for one HTTP request with the driver's own retries;
-    ## a limit on each query's run time in Snowflake (STATEMENT_TIMEOUT_IN_SECONDS; unset:
-    ## the account's or user's setting).
-    # login_timeout_seconds = 60
-    # network_timeout_seconds = 300
-    # statement_timeout_seconds = 3600
-
-    ## Result chunks the driver downloads ahead, in threads (each holds one chunk in memory).
-    # prefetch_threads = 4
-
-    ## More Snowflake session parameters, e.g. { USE_CACHED_RESULT = false }. QUERY_TAG and
-    ## TIMEZONE are set by ingestd.
-    # session_parameters = {}
-
-    ## Where the driver connects instead of <account>.snowflakecomputing.com:443 over https
-    ## (a private-link host name, a proxy, a test server).
-    # host = "myorg-myaccount.privatelink.snowflakecomputing.com"
-    # port = 443
-    # protocol = "https"
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Sessions. Each source gets its own Snowflake sessions, opened on first use and kept for the next
 call (a session idle for 30 minutes is closed at the next call instead, and all are closed when
 the daemon stops). Their QUERY_TAG names ingestd, the connection and the source as JSON
 (`{"app":"ingestd","connection":"sf","source":"orders"}`), so QUERY_HISTORY shows what ingestd
-ran for whom; their TIMEZONE is the NTZ zone above. A session that Snowflake expired (4 hours
-idle) is replaced by a new login without failing the call.
+ran for whom; their TIMEZONE is the NTZ zone (`timestamp_ntz_zone`). A session that Snowflake
+expired (4 hours idle) is replaced by a new login without failing the call.
 
 Parameters. The connection uses the driver's `qmark` style, which binds values on the server:
 `{day}` is a DATE; `{start}` and `{end}` are TIMESTAMP_NTZ wall-clock times in the NTZ zone,
@@ -84,7 +22,7 @@ Streaming. A query runs asynchronously in Snowflake (`execute_async`) and a work
 it, so cancelling a load aborts the query in Snowflake instead of leaving it to run. Rows arrive
 through `fetch_arrow_batches()` in the chunks Snowflake chose (a few rows to millions); the
 worker re-chunks them to exactly `batch_rows` rows (the last batch of a day is smaller) and hands
-them to the event loop through a queue of two batches, waiting while the queue is full. Memory
+them to the event loop two batches ahead at most (an `ingestd.ThreadStream`). Memory
 holds at most the driver's prefetched chunks, the chunk being cut and the queued batches, never
 the whole day. Closing the stream stops the worker and aborts a query still running.
 
@@ -113,7 +51,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -123,14 +61,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    Secret, SourceInfo, TransientError)
+from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
+                    ProbeResult, Secret, SourceInfo, ThreadStream, TransientError, rechunk)
 
 
 log = structlog.get_logger("ingestd.snowflake")
 T = TypeVar("T")
 
-__all__ = ["SnowflakeConfig", "SnowflakeConnector", "Rechunker", "normalize", "translate"]
+__all__ = ["SnowflakeConfig", "SnowflakeConnector", "normalize", "translate"]
 
 INSTALL_HINT = "pip install 'ingestd[snowflake]'"
 QUEUE_DEPTH = 2
@@ -377,62 +315,6 @@ def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str, lowercase: bool =
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-class Rechunker:
-    """Cuts and joins a stream of Arrow tables of any sizes into record batches of exactly
-    `batch_rows` rows (the last one may be smaller). Big chunks are sliced without copying;
-    small ones are held until a batch is full. Every batch has the first chunk's schema."""
-
-    def __init__(self, batch_rows: int):
-        if batch_rows < 1:
-            raise ValueError("batch_rows must be at least 1")
-        self.batch_rows = batch_rows
-        self.schema: pa.Schema | None = None
-        self._pending: list[pa.RecordBatch] = []
-        self._rows = 0
-
-    def push(self, data: pa.Table | pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        for batch in data.to_batches() if isinstance(data, pa.Table) else [data]:
-            if batch.num_rows == 0:
-                continue
-            batch = self._conform(batch)
-            offset = 0
-            while offset < batch.num_rows:
-                take = min(self.batch_rows - self._rows, batch.num_rows - offset)
-                piece = batch.slice(offset, take)
-                offset += take
-                if not self._pending and take == self.batch_rows:
-                    yield piece
-                    continue
-                self._pending.append(piece)
-                self._rows += take
-                if self._rows == self.batch_rows:
-                    yield self._drain()
-
-    def flush(self) -> Iterator[pa.RecordBatch]:
-        if self._rows:
-            yield self._drain()
-
-    def _drain(self) -> pa.RecordBatch:
-        pending, self._pending, self._rows = self._pending, [], 0
-        if len(pending) == 1:
-            return pending[0]
-        table = pa.Table.from_batches(pending).combine_chunks()
-        return table.to_batches(max_chunksize=table.num_rows)[0]
-
-    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self.schema is None:
-            self.schema = batch.schema
-            return batch
-        if batch.schema.equals(self.schema, check_metadata=False):
-            return batch if batch.schema.equals(self.schema, check_metadata=True) else \
-                pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
-        try:
-            return batch.cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, TypeError) as exc:
-            raise PermanentError(f"the result's columns changed type between chunks ({self.schema} then "
-                                 f"{batch.schema}): {exc}") from None
-
-
 # -- sessions ---------------------------------------------------------------------------------
 
 class _Stopped(Exception):
@@ -497,48 +379,6 @@ class _Pool:
 def _quiet_close(con: Any) -> None:
     with contextlib.suppress(Exception):
         con.close()
-
-
-class _End:
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
-
-
-class _Pump:
-    """Hands items from a worker thread to the event loop, at most `depth` waiting: `put` blocks
-    the thread while they are all waiting and gives up (False) once `stop` is set."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = QUEUE_DEPTH):
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._slots = threading.Semaphore(depth)
-        self.stopped = threading.Event()
-
-    def put(self, item: Any) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if self.stopped.is_set():
-                return False
-        if self.stopped.is_set():
-            return False
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.stopped.set()
-            return False
-        return True
-
-    def end(self, error: BaseException | None = None) -> None:
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _End(error))
-
-    async def get(self) -> Any:
-        item = await self._queue.get()
-        if not isinstance(item, _End):
-            self._slots.release()
-        return item
-
-    def stop(self) -> None:
-        self.stopped.set()
 
 
 # -- the connector ----------------------------------------------------------------------------
@@ -783,30 +623,21 @@ class SnowflakeConnector(Connector):
         key = self._key(query, source)
         zone = self._zone(query)
         params = self._bind(query)
-        pump = _Pump(asyncio.get_running_loop())
 
-        def produce(session: _Session) -> None:
-            cur = self._run(session, query.sql, params, pump.stopped)
+        def produce(session: _Session, out: Outlet) -> None:
+            cur = self._run(session, query.sql, params, out.stopped)
             sent = False
-
-            def put(batch: pa.RecordBatch) -> None:
-                nonlocal sent
-                if not pump.put(batch):
-                    raise _Stopped
-                sent = True
-
             try:
-                rechunker = Rechunker(batch_rows)
                 try:
                     tables = cur.fetch_arrow_batches(force_microsecond_precision=True)
                 except TypeError:  # a driver without the option: normalize() casts to microseconds
                     tables = cur.fetch_arrow_batches()
                 try:
-                    for table in tables:
-                        for batch in rechunker.push(normalize(table, zone, self.config.lowercase_columns)):
-                            put(batch)
-                    for batch in rechunker.flush():
-                        put(batch)
+                    for batch in rechunk((normalize(t, zone, self.config.lowercase_columns) for t in tables),
+                                         batch_rows):
+                        if not out.put(batch):
+                            raise _Stopped
+                        sent = True
                 except _Stopped:
                     raise
                 except Exception as exc:
@@ -826,31 +657,15 @@ class SnowflakeConnector(Connector):
                 with contextlib.suppress(Exception):
                     cur.close()
 
-        def worker() -> None:
-            try:
-                self._with_session(key, produce)
-            except _Stopped:
-                pump.end()
-            except BaseException as exc:
-                pump.end(exc)
-            else:
-                pump.end()
+        def worker(out: Outlet) -> None:
+            with contextlib.suppress(_Stopped):
+                self._with_session(key, lambda session: produce(session, out))
 
-        thread = threading.Thread(target=worker, name=f"ingestd-snowflake-{self.name}", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = await pump.get()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    return
-                yield item
-        finally:
-            pump.stop()
-            deadline = time.monotonic() + STOP_WAIT_SECONDS
-            while thread.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        stream = ThreadStream(worker, depth=QUEUE_DEPTH, name=f"ingestd-snowflake-{self.name}",
+                              join_seconds=STOP_WAIT_SECONDS)
+        async with stream:
+            async for batch in stream:
+                yield batch
 
     async def close(self) -> None:
         """Close the idle sessions; sessions still in use are closed when their call ends."""

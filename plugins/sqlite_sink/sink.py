@@ -1,14 +1,7 @@
 """Sink type `sqlite`: an SQLite file (WAL mode) with tables `events`, `metrics` and `partitions`.
 
-    [sinks.NAME]
-    type = "sqlite"
-
-    ## The SQLite file (required; parent folders are created). Relative paths are taken from
-    ## daemon.toml's folder.
-    path = "var/analytics.sqlite"
-
-    ## How long a write waits for another process's write lock before the load fails.
-    # busy_timeout_seconds = 60.0
+`sample.toml` beside this module is the documented configuration: every key, its default, what
+it does.
 
 Each replace is one write transaction: delete the partition's rows, insert the new generation
 batch by batch, record it in `partitions(kind, source, day, generation, rows, loaded_at)`, commit.

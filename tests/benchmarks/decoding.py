@@ -1,5 +1,5 @@
 """Decoding alone: redshift-connector's own row decoding against the Redshift connector's
-(plugins/redshift.py: wire-value decoders and its DataRow handler), each with and without the
+(plugins/redshift/fast_rows.py: wire-value decoders and its DataRow handler), each with and without the
 conversion to Arrow, on one stream through the test proxy. Prints one JSON object (best of 3).
 
     .venv/bin/python tests/benchmarks/decoding.py [ROWS]     # default 1,000,000
@@ -19,14 +19,14 @@ if str(ROOT) not in sys.path:
 
 import redshift_connector  # noqa: E402
 
-from plugins import redshift as R  # noqa: E402
+from ingestd.plugins.redshift import connector as R, fast_rows as F  # noqa: E402
 from tests.benchmarks import run as B  # noqa: E402
 from tests.postgres import start_postgres  # noqa: E402
 
 
 def connector_decoding(con) -> frozenset[int]:
-    R.use_fast_data_rows(con)
-    return R.use_raw_values(con)
+    F.use_fast_data_rows(con)
+    return F.use_raw_values(con)
 
 
 def fetch(port: int, n: int, *, convert: bool, ours: bool, fetch_size: int = 10_000) -> int:

@@ -214,10 +214,10 @@ def profile_load(folder: Path, day: dt.date) -> dict:
 
 
 PROFILE_PARTS = [  # (what, a string that puts a sample there when a frame of its stack contains it)
-    ("Arrow conversion of the driver's rows (plugins/redshift.py rows_to_batch)", "rows_to_batch"),
+    ("Arrow conversion of the driver's rows (plugins/redshift/connector.py rows_to_batch)", "rows_to_batch"),
     ("driver: receiving and decoding rows (redshift_connector)", "redshift_connector/"),
     ("map stage (kernel/schema.py RowMapper, DuckDB)", "RowMapper.map"),
-    ("sink (plugins/duckdb_sink.py, DuckDB)", "duckdb_sink.py"),
+    ("sink (plugins/duckdb_sink/sink.py, DuckDB)", "duckdb_sink/"),
     ("slice streams (kernel/slices.py)", "slices.py"),
     ("state store (aiosqlite)", "aiosqlite"),
     ("start-up: imports", "_find_and_load"),

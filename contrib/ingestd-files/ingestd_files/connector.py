@@ -69,10 +69,9 @@ footer, a torn last JSON line), a missing ready marker at fetch time are transie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
+import functools
 import os
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,7 @@ import duckdb
 import pyarrow as pa
 
 from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, TransientError, hookimpl)
+                    SourceInfo, ThreadSession, TransientError, hookimpl, rechunk)
 
 from .layout import FileStat, LayoutError, Pattern, fingerprint, has_glob_chars, layout_days, stat_files
 
@@ -178,71 +177,23 @@ def _os_error(exc: OSError, what: str) -> ConnectorError:
     return TransientError(text)
 
 
-# -- one DuckDB connection's life --------------------------------------------------------------
+# -- one DuckDB connection over the day's files ------------------------------------------------
 
-class _Session:
-    """An in-memory DuckDB connection with `day_files` over a list of files. Worker threads take
-    turns on it under `_lock`; `close`, from any thread, interrupts what runs until the lock is
-    free, then closes (a cancelled fetch must not leave a query running)."""
-
-    def __init__(self, files: list[str], file_format: str, threads: int):
-        self._files = files
-        self._format = file_format
-        self._threads = threads
-        self._lock = threading.Lock()
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._stopping = False
-        self.on_close: list[Callable[[], object]] = []
-
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(":memory:", config={"threads": self._threads})
-        try:
-            con.execute("SET TimeZone = 'UTC'")
-            con.execute("SET enable_progress_bar = false")
-            if self._format == "parquet":
-                rel = con.read_parquet(self._files, union_by_name=True, hive_partitioning=False)
-            else:
-                rel = con.read_json(self._files, format="newline_delimited", union_by_name=True,
-                                    hive_partitioning=False)
-            rel.to_view(TABLE)
-        except BaseException:
-            con.close()
-            raise
-        return con
-
-    def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        with self._lock:
-            if self._stopping:
-                raise TransientError("the call was stopped")
-            if self._con is None:
-                self._con = self._connect()
-            return work(self._con)
-
-    def close(self) -> None:
-        self._stopping = True
-        while not self._lock.acquire(timeout=0.05):
-            con = self._con
-            if con is not None:
-                with contextlib.suppress(Exception):
-                    con.interrupt()
-        try:
-            for close in self.on_close:
-                with contextlib.suppress(Exception):
-                    close()
-            self.on_close.clear()
-            if self._con is not None:
-                with contextlib.suppress(Exception):
-                    self._con.close()
-                self._con = None
-        finally:
-            self._lock.release()
-
-
-def _next_batch(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:
+def _connect(files: list[str], file_format: str, threads: int) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the view `day_files` over `files`."""
+    con = duckdb.connect(":memory:", config={"threads": threads})
     try:
-        return reader.read_next_batch()
-    except StopIteration:
-        return None
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET enable_progress_bar = false")
+        if file_format == "parquet":
+            rel = con.read_parquet(files, union_by_name=True, hive_partitioning=False)
+        else:
+            rel = con.read_json(files, format="newline_delimited", union_by_name=True, hive_partitioning=False)
+        rel.to_view(TABLE)
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 # -- the connector -----------------------------------------------------------------------------
@@ -295,14 +246,18 @@ class FilesConnector(Connector):
                                      "rename it or move the root")
         return files
 
+    def _session(self, files: list[FileStat]) -> ThreadSession[duckdb.DuckDBPyConnection]:
+        """An in-memory DuckDB over `files` on a thread of its own; closing the session interrupts
+        a query still running (a cancelled fetch must not leave one behind)."""
+        connect = functools.partial(_connect, [f.path for f in files], self.file_format, self.config.threads)
+        return ThreadSession(connect, interrupt=lambda con: con.interrupt(), name=f"ingestd-files-{self.name}")
+
     async def _call(self, files: list[FileStat], work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        session = _Session([f.path for f in files], self.file_format, self.config.threads)
-        try:
-            return await asyncio.to_thread(session.run, work)
-        except duckdb.Error as exc:
-            raise translate(exc) from exc
-        finally:
-            await asyncio.to_thread(session.close)
+        async with self._session(files) as session:
+            try:
+                return await session.call(work)
+            except duckdb.Error as exc:
+                raise translate(exc) from exc
 
     # -- the connector API -----------------------------------------------------------------
 
@@ -352,30 +307,19 @@ class FilesConnector(Connector):
         files = await asyncio.to_thread(self.list_files, days)
         if not files:
             return
-        session = _Session([f.path for f in files], self.file_format, self.config.threads)
         sql = f"SELECT * FROM ({query.sql}) q"
+        async with self._session(files) as session:
+            def start(con: duckdb.DuckDBPyConnection):
+                reader = con.sql(sql, params=query.params).to_arrow_reader(batch_rows)
+                session.on_close(reader.close)
+                return rechunk(reader, batch_rows)
 
-        def start(con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
-            reader = con.sql(sql, params=query.params).to_arrow_reader(batch_rows)
-            session.on_close.append(reader.close)
-            return reader
-
-        try:
             try:
-                reader = await asyncio.to_thread(session.run, start)
+                batches = await session.call(start)
+                while (batch := await session.call(lambda con: next(batches, None))) is not None:
+                    yield batch
             except duckdb.Error as exc:
                 raise translate(exc) from exc
-            while True:
-                try:
-                    batch = await asyncio.to_thread(session.run, lambda con: _next_batch(reader))
-                except duckdb.Error as exc:
-                    raise translate(exc) from exc
-                if batch is None:
-                    return
-                for offset in range(0, batch.num_rows, batch_rows):
-                    yield batch.slice(offset, batch_rows)
-        finally:
-            await asyncio.to_thread(session.close)
 
     async def close(self) -> None:
         """Nothing to release: every call opens and closes its own in-memory DuckDB."""

@@ -43,6 +43,8 @@ class Backfill(Command):
         parser.add_argument("--from", dest="first", type=date_arg, required=True)
         parser.add_argument("--to", dest="last", type=date_arg, required=True)
         parser.add_argument("--request-id", help="idempotency key: the same id twice runs once")
+        parser.add_argument("--missing", action="store_true",
+                            help="only the days never loaded, failed or emptied (the others are skipped)")
 
     def run(self, args: argparse.Namespace) -> int:
         config, plugins = setup(args.config)
@@ -60,13 +62,16 @@ class Backfill(Command):
                         b = found
                     else:
                         b, created = await control.submit_backfill(sources, args.first, args.last,
-                                                                   request_id=args.request_id, origin="cli")
+                                                                   request_id=args.request_id, origin="cli",
+                                                                   missing=args.missing)
                         if not created:
                             print(f"backfill {b.id} with request id {args.request_id} exists already ({b.status})")
                             if b.status != "running":
                                 return EXIT_OK
                         else:
-                            print(f"backfill {b.id} stored: {', '.join(sources)} from {args.first} to {args.last}")
+                            skipped = f"; {b.skipped} source-days skipped as loaded already" if args.missing else ""
+                            print(f"backfill {b.id} stored: {', '.join(sources)} from {args.first} to {args.last}"
+                                  f"{skipped}")
                 except ControlError as exc:
                     print(f"backfill refused: {exc}", file=sys.stderr)
                     return EXIT_USAGE

@@ -37,7 +37,9 @@ class Load(Command):
                     return EXIT_USAGE
             assert isinstance(out, Outcome)
             detail = {"succeeded": f"generation {out.generation}, {out.rows} rows",
-                      "empty": "no rows for that day yet; nothing written",
+                      "emptied": f"generation {out.generation}, 0 rows: the day has no rows in the warehouse any more",
+                      "empty": f"{out.reason or 'no rows'}; nothing written",
+                      "held": out.reason or "",
                       "failed": out.reason or ""}[out.status]
             print(f"{args.source} {args.day}: {out.status}: {detail}")
             return EXIT_OK if out.status != "failed" else EXIT_FAILED

@@ -11,7 +11,7 @@ import sys
 
 from ...engine.state import StateStore
 from ...service.views import status_report
-from ..registry import EXIT_OK, EXIT_USAGE, Command, setup
+from ..registry import EXIT_OK, EXIT_USAGE, Command, days_arg, setup
 
 
 class Status(Command):
@@ -21,7 +21,8 @@ class Status(Command):
 
     def arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("source", nargs="?")
-        parser.add_argument("--days", type=int, default=14, help="how many recent days to show (default 14)")
+        parser.add_argument("--days", type=days_arg, default=14,
+                            help="how many days before today to show (default 14; 0: today only)")
         parser.add_argument("--json", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -48,11 +49,14 @@ class Status(Command):
                   f"last loaded day {s['last_loaded_day'] or '-'}")
             print(f"  next load window {s['next_load']}" +
                   (f", next re-check {s['next_recheck']}" if s["next_recheck"] else ""))
+            shown = {d["day"] for d in s["days"]}
+            for load in s["loading"]:
+                if load["day"] not in shown:
+                    print(f"  {load['day']}  loading    loading gen {load['generation']} "
+                          f"({load['rows_so_far']:,} rows so far, {load['trigger']})")
             for d in s["days"]:
-                rows = "-" if d["rows"] is None else d["rows"]
-                error = f"  ({d['error']})" if d["error"] and d["status"] == "failed" else ""
-                print(f"  {d['day']}  {d['status']:<9} rows {rows:<10} gen {d['generation']:<4} "
-                      f"loaded {d['loaded_at'] or '-'}{error}")
+                ready = "  (marked ready)" if d["ready_at"] else ""
+                print(f"  {d['day']}  {d['state']:<9}  {d['summary']}{ready}")
         for b in report["backfills"]:
             print(f"backfill {b['id']} running: {', '.join(b['sources'])} {b['from']}..{b['to']}")
         return EXIT_OK
