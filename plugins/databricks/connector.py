@@ -216,7 +216,8 @@ def translate(exc: BaseException, config: DatabricksConfig | None = None) -> Bas
                                   f"server_hostname and http_path (a deleted warehouse answers this too). "
                                   f"Databricks says: {detail}", code=code)
         if status in (429, 503):
-            return TransientError(f"the SQL warehouse is starting or busy (HTTP {status}); it will be retried. "
+            return TransientError(f"the SQL warehouse is starting or busy (HTTP {status}: a stopped warehouse starts "
+                                  f"on the first request, which takes a few minutes); it will be retried. "
                                   f"Databricks says: {detail}", code=code)
         if status is not None and status >= 500:
             return TransientError(f"Databricks answered HTTP {status}; it will be retried. Databricks says: {detail}",
