@@ -5,18 +5,46 @@ Plugins import from `ingestd` only, never from its submodules.
 
 from __future__ import annotations
 
-from .core.contracts import (Capabilities, Connector, Kind, PartitionInfo, ProbeResult, Registry, Sink,
-                        SourceInfo, Target)
-from .core.errors import (ConfigError, ConfigErrors, ConnectorError, IngestdError, PermanentError, PluginError,
-                     SinkError, TransientError)
-from .core.events import (BackfillAccepted, BackfillDone, BackfillProgress, CheckChanged, CheckHeld, CheckUnchanged,
-                     DaemonStarted, DaemonStopping, Event, LoadEmpty, LoadFailed, LoadStarted,
-                     LoadSucceeded)
+from .core.contracts import (
+                        Capabilities,
+                        Connector,
+                        Kind,
+                        PartitionInfo,
+                        ProbeResult,
+                        Registry,
+                        Sink,
+                        SourceInfo,
+                        Target,
+)
+from .core.errors import (
+                        ConfigError,
+                        ConfigErrors,
+                        ConnectorError,
+                        IngestdError,
+                        PermanentError,
+                        PluginError,
+                        SinkError,
+                        TransientError,
+)
+from .core.events import (
+                        BackfillAccepted,
+                        BackfillDone,
+                        BackfillProgress,
+                        CheckChanged,
+                        CheckHeld,
+                        CheckUnchanged,
+                        DaemonStarted,
+                        DaemonStopping,
+                        Event,
+                        LoadEmpty,
+                        LoadFailed,
+                        LoadStarted,
+                        LoadSucceeded,
+)
 from .core.models import Secret, build_model
 from .core.query import DayQuery, DayWindow, day_query, quote_ident
 from .core.schema import EVENTS_SCHEMA, METRICS_SCHEMA, SCHEMAS
 from .core.streams import Outlet, Rechunker, ThreadSession, ThreadStream, rechunk
-
 from .plugin import API_VERSION, hookimpl  # a plugin declares INGESTD_API = (min, max), inclusive
 from .plugin.configured import configured_sink
 

@@ -189,7 +189,7 @@ class RecordingProxy:
         return [r.path.split("/jobs/")[1].split("/cancel")[0] for r in self.requests
                 if r.method == "POST" and "/cancel" in r.path]
 
-    def start(self) -> "RecordingProxy":
+    def start(self) -> RecordingProxy:
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

@@ -35,7 +35,7 @@ class Mosquitto:
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         binary = find("mosquitto")
         self.proc = subprocess.Popen([binary, "-c", str(self.conf), "-v"], stdout=self.log.open("ab"),
                                      stderr=subprocess.STDOUT)

@@ -60,11 +60,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from databricks.sql.thrift_api.TCLIService import TCLIService
+from databricks.sql.thrift_api.TCLIService import ttypes as T
 from thrift.protocol import TBinaryProtocol
 from thrift.Thrift import TMessageType
 from thrift.transport import TTransport
-
-from databricks.sql.thrift_api.TCLIService import TCLIService, ttypes as T
 
 HIVE_V10 = T.TProtocolVersion.HIVE_CLI_SERVICE_PROTOCOL_V10
 SPARK_V8 = T.TProtocolVersion.SPARK_CLI_SERVICE_PROTOCOL_V8
@@ -124,22 +124,23 @@ def arrow_column(column: T.TColumn, typ: pa.DataType) -> pa.Array:
     if pa.types.is_null(typ):
         return pa.nulls(len(values))
     if pa.types.is_decimal(typ):
-        return pa.array([None if n else decimal.Decimal(v) for v, n in zip(values, nulls)], typ)
+        return pa.array([None if n else decimal.Decimal(v) for v, n in zip(values, nulls, strict=True)], typ)
     if pa.types.is_date(typ):
-        return pa.array([None if n else dt.date.fromisoformat(v) for v, n in zip(values, nulls)], typ)
+        return pa.array([None if n else dt.date.fromisoformat(v) for v, n in zip(values, nulls, strict=True)], typ)
     if pa.types.is_timestamp(typ):
         # Spark formats TIMESTAMP (and TIMESTAMP_NTZ) as wall-clock text in the session time zone
-        naive = pa.array([None if n else dt.datetime.fromisoformat(v) for v, n in zip(values, nulls)],
+        naive = pa.array([None if n else dt.datetime.fromisoformat(v) for v, n in zip(values, nulls, strict=True)],
                          pa.timestamp("us"))
         return pc.assume_timezone(naive, timezone=typ.tz, ambiguous="earliest", nonexistent="earliest").cast(typ)
-    return pa.array([None if n else v for v, n in zip(values, nulls)], typ)
+    return pa.array([None if n else v for v, n in zip(values, nulls, strict=True)], typ)
 
 
 def arrow_batch(rowset: T.TRowSet, schema: pa.Schema) -> pa.RecordBatch:
     columns = rowset.columns or []
     if not columns:
         return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
-    return pa.RecordBatch.from_arrays([arrow_column(c, f.type) for c, f in zip(columns, schema)], schema=schema)
+    arrays = [arrow_column(c, f.type) for c, f in zip(columns, schema, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 # -- the proxy --------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class DatabricksProxy:
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def start(self) -> "DatabricksProxy":
+    def start(self) -> DatabricksProxy:
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

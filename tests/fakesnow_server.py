@@ -55,7 +55,7 @@ class FakeSnowServer:
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "FakeSnowServer":
+    def start(self, timeout: float = 30.0) -> FakeSnowServer:
         if importlib.util.find_spec("fakesnow") is None or importlib.util.find_spec("uvicorn") is None:
             raise RuntimeError("fakesnow[server] is not installed in this environment: ./scripts/test installs it "
                                "(it is in the `test` extra: pip install -e '.[test]')")

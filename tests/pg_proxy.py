@@ -91,7 +91,7 @@ def _read_startup_packet(sock: socket.socket) -> bytes:
 def _rewrite_startup(payload: bytes, stats: ProxyStats) -> bytes:
     """Keep only start-up parameters PostgreSQL knows."""
     parts = payload[4:].split(b"\0")
-    pairs = list(zip(parts[0::2], parts[1::2]))
+    pairs = list(zip(parts[0::2], parts[1::2], strict=False))
     kept = bytearray(payload[:4])
     for key, value in pairs:
         if not key:
@@ -109,7 +109,7 @@ class ServerStream:
     """Walks the server's message stream (type byte + int32 length + body) and rewrites the few
     messages that need it; everything else is copied through without being held."""
 
-    def __init__(self, proxy: "RedshiftProxy"):
+    def __init__(self, proxy: RedshiftProxy):
         self.proxy = proxy
         self.pending = b""
         self.skip = 0  # bytes of the current pass-through message still to copy
@@ -187,7 +187,7 @@ class RedshiftProxy:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def start(self) -> "RedshiftProxy":
+    def start(self) -> RedshiftProxy:
         t = threading.Thread(target=self._accept_loop, name=f"pg-proxy-{self.port}", daemon=True)
         t.start()
         self._threads.append(t)
@@ -200,7 +200,7 @@ class RedshiftProxy:
         for t in self._threads:
             t.join(5)
 
-    def __enter__(self) -> "RedshiftProxy":
+    def __enter__(self) -> RedshiftProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

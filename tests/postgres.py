@@ -148,7 +148,7 @@ class PostgresCluster:
         return {"user": "postgres", "group": "postgres", "extra_groups": []}
 
 
-    def init(self) -> "PostgresCluster":
+    def init(self) -> PostgresCluster:
         pwfile = self.folder / "pwfile"
         pwfile.write_text(SUPERUSER_PASSWORD + "\n")
         if os.geteuid() == 0:
@@ -172,7 +172,7 @@ class PostgresCluster:
             "host all all 127.0.0.1/32 scram-sha-256\n")
         return self
 
-    def start(self, timeout: float = 30) -> "PostgresCluster":
+    def start(self, timeout: float = 30) -> PostgresCluster:
         settings = {**FAST_SETTINGS, **self.settings, "listen_addresses": self.host, "port": str(self.port),
                     "unix_socket_directories": str(self.folder)}
         args = [str(self.bindir / "postgres"), "-D", str(self.data)]

@@ -10,8 +10,9 @@ loudly, never skips them.
 `SparkThriftServer.start()` runs one JVM: `local[2]`, HTTP transport on a free loopback port,
 path `cliservice`, `hive.server2.authentication=NOSASL`, an embedded Derby metastore and the
 warehouse folder under a temporary folder, a 512 MB driver heap, two shuffle partitions (the
-default 200 make every aggregate slow), no per-session cache of table file listings. `kill()` ends it with SIGKILL (a crash, for the fault
-test) and `start()` brings it back on the same port with the same metastore and tables.
+default 200 make every aggregate slow), no per-session cache of table file listings. `kill()`
+ends it with SIGKILL (a crash, for the fault test) and `start()` brings it back on the same
+port with the same metastore and tables.
 `rss_mib()` is the JVM's resident memory. The session fixture `spark_server` starts it once per
 test session and stops it at the end.
 """
@@ -116,7 +117,7 @@ class SparkThriftServer:
                           "create=true",
         ]
 
-    def start(self) -> "SparkThriftServer":
+    def start(self) -> SparkThriftServer:
         """Start the JVM (on the same port when restarting) and wait until its HTTP port answers."""
         (self.folder / "tmp").mkdir(exist_ok=True)
         if not self.port:

@@ -27,7 +27,8 @@ class Warehouse:
             con.execute("CREATE TABLE IF NOT EXISTS metrics_daily (ds DATE, user_id VARCHAR, metric VARCHAR,"
                         " value DOUBLE, num DOUBLE, den DOUBLE)")
 
-    def add_events(self, day: dt.date, n: int, *, event: str = "click", start_id: int = 0, hour_offset: int = 0) -> None:
+    def add_events(self, day: dt.date, n: int, *, event: str = "click", start_id: int = 0,
+                   hour_offset: int = 0) -> None:
         base = dt.datetime(day.year, day.month, day.day)
         with duckdb.connect(str(self.path)) as con:
             con.execute(

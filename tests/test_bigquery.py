@@ -45,15 +45,15 @@ import pyarrow as pa
 import pytest
 from structlog.testing import capture_logs
 
+import ingestd.plugins.bigquery as bigquery_plugin
 from ingestd import PermanentError, Registry, SourceInfo, TransientError, build_model
 from ingestd.core.models import ConfigErrors
 from ingestd.core.query import DayWindow, render
 from ingestd.core.schema import Mapping, RowMapper
-from ingestd.testing import ConnectorSuite
-from ingestd.testing.connector_suite import DAY, day_rows
-import ingestd.plugins.bigquery as bigquery_plugin
 from ingestd.plugins.bigquery import connector as bq
 from ingestd.plugins.bigquery.connector import BigQueryConfig, BigQueryConnector, translate
+from ingestd.testing import ConnectorSuite
+from ingestd.testing.connector_suite import DAY, day_rows
 from tests.bqemulator import PROJECT, bqemulator, recording_proxy  # noqa: F401  (bqemulator: the fixture)
 from tests.support import ingestd, state_query
 
@@ -302,7 +302,8 @@ async def test_jobs_carry_labels_parameters_limit_and_default_dataset(bqemulator
                           "end": ("TIMESTAMP", "2026-03-11 00:00:00+00:00")}
     assert {j["labels"]["ingestd_step"] for j in runs} == {"probe", "fetch"}
     assert all(j["query"]["maximumBytesBilled"] == str(10**9) for j in runs)
-    assert "FARM_FINGERPRINT(TO_JSON_STRING(q))" in next(j for j in runs if j["labels"]["ingestd_step"] == "probe")["query"]["query"]
+    probe_job = next(j for j in runs if j["labels"]["ingestd_step"] == "probe")
+    assert "FARM_FINGERPRINT(TO_JSON_STRING(q))" in probe_job["query"]["query"]
 
 
 async def test_a_query_estimated_over_maximum_bytes_billed_fails_before_it_runs(bqemulator, kit):
@@ -423,9 +424,11 @@ def test_throttling_and_server_errors_are_transient(make, code):
      "bytesBilledLimitExceeded", "would bill more bytes than maximum_bytes_billed allows"),
     (lambda g, job: job({"reason": "invalidQuery", "message": "Unrecognized name: foo at [1:8]"}),
      "invalidQuery", "Unrecognized name: foo"),
-    (lambda g, job: g.NotFound("Not found: Table p:d.t", errors=[{"reason": "notFound", "message": "Not found: Table p:d.t"}]),
+    (lambda g, job: g.NotFound("Not found: Table p:d.t",
+                               errors=[{"reason": "notFound", "message": "Not found: Table p:d.t"}]),
      "notFound", "Not found: Table p:d.t"),
-    (lambda g, job: g.Forbidden("Access Denied: Project p: User does not have bigquery.jobs.create permission in project p.",
+    (lambda g, job: g.Forbidden("Access Denied: Project p: User does not have bigquery.jobs.create permission in "
+                                "project p.",
                                 errors=[{"reason": "accessDenied", "message": "Access Denied: Project p: User does "
                                          "not have bigquery.jobs.create permission in project p."}]),
      "accessDenied", "job user role — grant roles/bigquery.jobUser on project p"),
@@ -712,7 +715,8 @@ def test_the_daemon_loads_a_bigquery_day_and_reloads_it_when_it_changed(tmp_path
         SELECT TIMESTAMP_ADD(TIMESTAMP '{D} 00:00:00+00', INTERVAL i * 287 SECOND), CONCAT('u', CAST(i AS STRING)),
                'click', CAST(i AS STRING), JSON '{{"k": 1}}'
         FROM UNNEST(GENERATE_ARRAY(0, 299)) AS i""")
-    run(bq_client, f"INSERT INTO {table} VALUES (TIMESTAMP '{D - dt.timedelta(days=1)} 23:59:59+00', 'before', 'click', '1', NULL)")
+    run(bq_client, f"INSERT INTO {table} VALUES "
+                   f"(TIMESTAMP '{D - dt.timedelta(days=1)} 23:59:59+00', 'before', 'click', '1', NULL)")
     cfg = e2e_config(tmp_path, bqemulator, ds, "SELECT ts, user_id, event, value, props FROM events_raw "
                                                "WHERE ts >= {start} AND ts < {end}")
     sink = tmp_path / "analytics.duckdb"

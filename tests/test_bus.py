@@ -15,8 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.broker import Mosquitto
-from tests.support import (cli_env, ingestd, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for,
-                           write_config)
+from tests.support import cli_env, ingestd, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for, write_config
 
 D = dt.date(2026, 11, 20)
 OUTAGE_S = float(os.environ.get("INGESTD_TEST_OUTAGE_S", "30"))
@@ -225,9 +224,11 @@ BAD_REQUESTS = [
     ("backfill", json.dumps({"source": 5, "from": "2026-01-01", "to": "2026-01-02"}).encode(), "must be a string"),
     ("backfill", json.dumps({"source": "orders", "from": "2026-01-05", "to": "2026-01-01"}).encode(), "is after"),
     ("backfill", json.dumps({"source": "orders", "from": "2026-13-01", "to": "2026-01-01"}).encode(), "not a date"),
-    ("backfill", json.dumps({"source": "orders", "from": "2020-01-01", "to": "2026-01-01"}).encode(), "max_backfill_days"),
+    ("backfill", json.dumps({"source": "orders", "from": "2020-01-01", "to": "2026-01-01"}).encode(),
+     "max_backfill_days"),
     ("backfill", json.dumps({"source": "ghost", "from": "2026-01-01", "to": "2026-01-01"}).encode(), "unknown source"),
-    ("backfill", json.dumps({"source": "orders", "from": "2026-01-01", "to": "2026-01-01", "x": 1}).encode(), "unknown field 'x'"),
+    ("backfill", json.dumps({"source": "orders", "from": "2026-01-01", "to": "2026-01-01", "x": 1}).encode(),
+     "unknown field 'x'"),
     ("explode", b"{}", "unknown command 'explode'"),
     ("ready", json.dumps({"source": "orders", "day": "yesterday"}).encode(), "not a date"),
     ("cancel", json.dumps({"backfill_id": 99}).encode(), "no running backfill"),
@@ -242,13 +243,15 @@ def test_bad_requests_get_an_error_answer_and_change_nothing(tmp_path, warehouse
     try:
         wait_for(lambda: any(p.get("state") == "online" for _, p, _ in watcher.messages), what="online")
         wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM windows"), what="start-up catch-up")
-        before = state_query(tmp_path / "state.db", "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
+        before = state_query(tmp_path / "state.db",
+                             "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
         for command, payload, message in BAD_REQUESTS:
             answer, _, _ = asyncio.run(request(broker.port, command, payload))
             assert answer["status"] == "error", (command, payload[:50], answer)
             assert message in answer["error"], (message, answer["error"])
         assert proc.poll() is None
-        after = state_query(tmp_path / "state.db", "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
+        after = state_query(tmp_path / "state.db",
+                            "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM backfills)")
         assert before == after
     finally:
         stop_daemon(proc)
@@ -400,7 +403,7 @@ def test_without_a_broker_the_daemon_ingests_and_publishes_once_one_appears(tmp_
     finally:
         out = stop_daemon(proc)
         broker.stop()
-    attempts = [l for l in out.splitlines() if "bus.disconnected" in l]
+    attempts = [ln for ln in out.splitlines() if "bus.disconnected" in ln]
     assert attempts, out[-2000:]
     seqs = [e["seq"] for e in watcher.events()]
     assert seqs == sorted(seqs) and len(seqs) >= 2
@@ -447,3 +450,32 @@ def test_tls_with_a_ca_file_and_a_client_certificate(tmp_path, warehouse):
     finally:
         stop_daemon(proc)
         broker.stop()
+
+
+def test_a_ready_request_loads_the_day_although_the_ready_query_says_no(tmp_path, warehouse, broker):
+    """Issue 14: `ready` over MQTT is the user's word that the day is complete; it loads now,
+    whatever the ready_query answers, and a day in the future is refused with an error answer."""
+    warehouse.add_events(D, 40)
+    warehouse.execute("CREATE TABLE markers (day DATE)")
+    cfg = bus_config(tmp_path, broker)
+    cfg.write_text(cfg.read_text().replace("max_reject_pct = 1.0", 'max_reject_pct = 1.0\n'
+                                           'ready_query = "SELECT count(*) > 0 FROM markers WHERE day = {day}"'))
+    watcher = Collector(broker.port, ["ingestd/test/#"])
+    proc = start_daemon(cfg)
+    try:
+        wait_for(lambda: any(t == "ingestd/test/state" and p.get("state") == "online" for t, p, _ in watcher.messages),
+                 what="online state")
+        answer, _, _ = asyncio.run(request(broker.port, "ready", {"source": "orders", "day": D.isoformat()}))
+        assert answer["status"] == "ok" and answer["data"]["accepted"] is True, answer
+        wait_for(lambda: watcher.events("load.succeeded"), what="the ready load")
+        future = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=3)).isoformat()
+        refused, _, _ = asyncio.run(request(broker.port, "ready", {"source": "orders", "day": future}))
+        assert refused["status"] == "error" and "is in the future" in refused["error"]
+    finally:
+        stop_daemon(proc)
+    assert sink_rows(tmp_path / "analytics.duckdb", "orders", D) == 40
+    done = watcher.events("load.succeeded")[0]
+    assert done["data"]["trigger"] == "ready" and done["data"]["rows"] == 40
+    assert not [e for e in watcher.events("load.empty") if e["day"] == D.isoformat()]
+    assert state_query(tmp_path / "state.db", "SELECT ready_at IS NOT NULL FROM partitions WHERE day = ?",
+                       (D.isoformat(),)) == [(1,)]

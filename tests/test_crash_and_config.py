@@ -1,14 +1,22 @@
 """Kills, resumes, bad configs and bad plugins, each through the real CLI."""
 
 import datetime as dt
-import os
 import signal
 import time
 
 import duckdb
 
-from tests.support import (cli_env, ingestd, plugin_dist, sink_rows, slow_plugin, spawn_ingestd, state_query,
-                           wait_for, write_config)
+from tests.support import (
+    cli_env,
+    ingestd,
+    plugin_dist,
+    sink_rows,
+    slow_plugin,
+    spawn_ingestd,
+    state_query,
+    wait_for,
+    write_config,
+)
 
 D = dt.date(2026, 11, 20)
 
@@ -36,7 +44,8 @@ def test_kill_9_during_the_write_then_rerun_leaves_one_whole_generation(tmp_path
     with duckdb.connect(str(tmp_path / "analytics.duckdb"), read_only=True) as con:
         gens = con.execute("SELECT DISTINCT generation FROM events WHERE day = ?", [D]).fetchall()
         assert len(gens) == 1
-        assert con.execute("SELECT count(*), count(DISTINCT unit_id) FROM events WHERE day = ?", [D]).fetchone() == (21_000, 21_000)
+        counts = con.execute("SELECT count(*), count(DISTINCT unit_id) FROM events WHERE day = ?", [D]).fetchone()
+        assert counts == (21_000, 21_000)
     runs = state_query(tmp_path / "state.db", "SELECT status, reason, generation FROM runs ORDER BY started_at")
     assert runs[1][0] == "failed" and "interrupted" in runs[1][1]
     assert runs[2][0] == "succeeded"
@@ -52,7 +61,8 @@ def test_backfill_killed_half_way_resumes_without_a_duplicated_day(tmp_path, war
     env = cli_env([slow_plugin(tmp_path)], INGESTD_TEST_SLOW_S="0.15")
     args = ("backfill", "orders", "--from", days[0].isoformat(), "--to", days[-1].isoformat())
     proc = spawn_ingestd(*args, config=cfg, env=env)
-    wait_for(lambda: (state_query(tmp_path / "state.db", "SELECT count(*) FROM backfill_days WHERE status = 'succeeded'")
+    wait_for(lambda: (state_query(tmp_path / "state.db",
+                                  "SELECT count(*) FROM backfill_days WHERE status = 'succeeded'")
                       or [(0,)])[0][0] >= 3, what="three backfilled days")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -65,7 +75,8 @@ def test_backfill_killed_half_way_resumes_without_a_duplicated_day(tmp_path, war
     assert "resuming backfill 1" in out.stdout
     for i, day in enumerate(days):
         assert sink_rows(tmp_path / "analytics.duckdb", "orders", day) == 2000 + i
-    succeeded = state_query(tmp_path / "state.db", "SELECT day, count(*) FROM runs WHERE status = 'succeeded' GROUP BY day")
+    succeeded = state_query(tmp_path / "state.db",
+                            "SELECT day, count(*) FROM runs WHERE status = 'succeeded' GROUP BY day")
     assert all(n == 1 for _, n in succeeded), succeeded
     assert len(succeeded) == len(days)
     assert state_query(tmp_path / "state.db", "SELECT status FROM backfills") == [("done",)]
@@ -116,9 +127,9 @@ raise RuntimeError("this plugin is broken on purpose")
 def test_a_plugin_that_raises_on_import_is_reported_and_skipped(tmp_path, warehouse):
     env = cli_env([plugin_dist(tmp_path / "extra", "brokenplug", BROKEN)])
     out = ingestd("plugins", env=env, check=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("brokenplug"))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("brokenplug"))
     assert "FAILED: RuntimeError: this plugin is broken on purpose" in line
-    assert any(l.startswith("duckdb ") and "connector:duckdb" in l for l in out.stdout.splitlines())
+    assert any(ln.startswith("duckdb ") and "connector:duckdb" in ln for ln in out.stdout.splitlines())
 
     warehouse.add_events(D, 5)
     cfg = write_config(tmp_path)
@@ -143,7 +154,7 @@ def test_a_plugin_with_an_unknown_hook_is_refused(tmp_path):
     src = "from ingestd import hookimpl\nINGESTD_API = (2, 2)\n@hookimpl\ndef ingestd_bogus():\n    pass\n"
     env = cli_env([plugin_dist(tmp_path / "extra", "bogusplug", src)])
     out = ingestd("plugins", env=env, check=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("bogusplug"))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("bogusplug"))
     assert "implements a hook ingestd does not have" in line and "ingestd_bogus" in line
 
 

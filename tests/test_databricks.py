@@ -44,14 +44,14 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+import ingestd.plugins.databricks as databricks_plugin
 from ingestd import PermanentError, Registry, SourceInfo, TransientError, build_model
 from ingestd.core.models import ConfigErrors
 from ingestd.core.query import DayWindow, render
 from ingestd.core.schema import Mapping, RowMapper
-from ingestd.testing import ConnectorSuite
-import ingestd.plugins.databricks as databricks_plugin
 from ingestd.plugins.databricks import connector as dbx
 from ingestd.plugins.databricks.connector import DatabricksConfig, DatabricksConnector, normalize, translate
+from ingestd.testing import ConnectorSuite
 from tests.databricks_proxy import DatabricksProxy
 from tests.spark_thrift import free_port, spark_server  # noqa: F401  (spark_server: the session fixture)
 from tests.support import ROOT, cli_env, ingestd, sink_rows, state_query
@@ -530,7 +530,7 @@ async def test_databricks_types_arrive_as_arrow_types_and_map_to_the_schema(prox
     assert len(batches) == 1
     batch = batches[0]
     utc = pa.timestamp("us", tz="UTC")
-    assert dict(zip(batch.schema.names, batch.schema.types)) == {
+    assert dict(zip(batch.schema.names, batch.schema.types, strict=True)) == {
         "ts": utc, "ntz": utc, "amount": pa.decimal128(12, 2), "n": pa.int64(), "big": pa.int64(),
         "f": pa.float64(), "ok": pa.bool_(), "name": pa.string(), "d": pa.date32(), "a": pa.string(),
         "m": pa.string(), "s": pa.string()}
@@ -613,7 +613,8 @@ retry_seconds = 2.0
 [sources.orders]
 connection = "dbx"
 kind = "events"
-query = "SELECT ts, user_id, event, value, props FROM events_raw WHERE ds = {{day}} AND ts >= {{start}} AND ts < {{end}}"
+query = '''SELECT ts, user_id, event, value, props FROM events_raw
+           WHERE ds = {{day}} AND ts >= {{start}} AND ts < {{end}}'''
 schedule = ["0 6 * * *"]
 lag_days = 1
 

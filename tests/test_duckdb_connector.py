@@ -8,22 +8,22 @@ import gc
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pytest
 
+import ingestd.plugins.duckdb as duckdb_plugin
 from ingestd import PermanentError, Registry, TransientError, build_model
 from ingestd.core.models import ConfigErrors
 from ingestd.core.query import DayWindow, render
 from ingestd.core.schema import Mapping, RowMapper
-from ingestd.testing import ConnectorSuite
-import ingestd.plugins.duckdb as duckdb_plugin
 from ingestd.plugins.duckdb import connector as duckdb_connector
-from ingestd.plugins.duckdb.demo_warehouse import MARKER, event_rows
 from ingestd.plugins.duckdb.connector import DuckDBConfig, DuckDBConnector
+from ingestd.plugins.duckdb.demo_warehouse import MARKER, event_rows
+from ingestd.testing import ConnectorSuite
 
 EVENTS_QUERY = ("SELECT ts, user_id, device_id, event, value, country, platform, props FROM events_raw "
                 "WHERE ts >= {start} AND ts < {end}")
@@ -231,7 +231,8 @@ async def test_fetch_rechunks_and_keeps_timestamps_naive_utc(tmp_path):
     kit = DuckKitTable(tmp_path / "w.duckdb")
     await kit.insert([(dt.datetime(2026, 3, 10, 23, 59, 59), "late", "e", 1.0)])
     c = connector_on(kit.path)
-    query = render(f"SELECT * FROM {kit.name} WHERE ts >= {{start}} AND ts < {{end}}", DayWindow.of(dt.date(2026, 3, 10)), "qmark")
+    query = render(f"SELECT * FROM {kit.name} WHERE ts >= {{start}} AND ts < {{end}}",
+                   DayWindow.of(dt.date(2026, 3, 10)), "qmark")
     batches = [b async for b in c.fetch(query, 1)]
     assert [b.num_rows for b in batches] == [1]
     assert batches[0].column(0).to_pylist() == [dt.datetime(2026, 3, 10, 23, 59, 59)]
@@ -273,12 +274,13 @@ async def test_demo_days_are_the_same_rows_every_time(tmp_path):
     for sql in (EVENTS_QUERY, METRICS_QUERY):
         pa_, pb = await a.probe(demo_query(sql, day)), await b.probe(demo_query(sql, day))
         assert pa_ == pb and pa_.rows > 0
-    shared = "BETWEEN DATE '{}' AND DATE '{}'".format(TODAY - dt.timedelta(days=2), TODAY - dt.timedelta(days=1))
+    shared = f"BETWEEN DATE '{TODAY - dt.timedelta(days=2)}' AND DATE '{TODAY - dt.timedelta(days=1)}'"
     with duckdb.connect() as con:
         con.execute(f"ATTACH '{one}' AS one (READ_ONLY)")
         con.execute(f"ATTACH '{two}' AS two (READ_ONLY)")
         for table, day_of in (("events_raw", "CAST(ts AS DATE)"), ("metrics_daily", "ds")):
-            side = lambda db: f"SELECT * FROM {db}.{table} WHERE {day_of} {shared}"  # noqa: E731
+            side = lambda db, table=table, day_of=day_of: (  # noqa: E731
+                f"SELECT * FROM {db}.{table} WHERE {day_of} {shared}")
             rows = con.execute(f"SELECT count(*) FROM ({side('one')})").fetchone()[0]
             diff = con.execute(f"SELECT count(*) FROM (({side('one')} EXCEPT ALL {side('two')})"
                                f" UNION ALL ({side('two')} EXCEPT ALL {side('one')}))").fetchone()[0]

@@ -10,10 +10,17 @@ import subprocess
 import time
 
 import duckdb
-import pytest
 
-from tests.support import (cli_env, fault_plugin, ingestd, sink_rows, slow_plugin, spawn_ingestd, state_query,
-                           wait_for, write_config)
+from tests.support import (
+    cli_env,
+    fault_plugin,
+    ingestd,
+    sink_rows,
+    slow_plugin,
+    spawn_ingestd,
+    state_query,
+    write_config,
+)
 
 D = dt.date(2026, 11, 20)
 SEED = int(os.environ.get("INGESTD_FAULT_SEED", "20261128"))
@@ -63,7 +70,8 @@ def test_kill_9_at_random_moments_never_loses_or_doubles_a_row(tmp_path, warehou
                                   [day]).fetchone()
             state = state_query(tmp_path / "state.db", "SELECT generation, rows, status FROM partitions WHERE day = ?",
                                 (day.isoformat(),))[0]
-            assert (visible[0], expected[day], "succeeded") == state, f"seed {SEED}, {day}: sink {visible}, state {state}"
+            assert (visible[0], expected[day], "succeeded") == state, \
+                f"seed {SEED}, {day}: sink {visible}, state {state}"
     assert state_query(tmp_path / "state.db", "SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]
 
 
@@ -72,11 +80,12 @@ def test_a_connection_dropped_mid_fetch_is_retried_with_backoff_then_succeeds(tm
     drops = tmp_path / "drops"
     drops.write_text("2")
     cfg = write_config(tmp_path, connection_type="flakyduck")
-    env = cli_env([fault_plugin(tmp_path)], INGESTD_TEST_DROPS=str(drops), INGESTD_TEST_DISK_FULL=str(tmp_path / "nope"))
+    env = cli_env([fault_plugin(tmp_path)], INGESTD_TEST_DROPS=str(drops),
+                  INGESTD_TEST_DISK_FULL=str(tmp_path / "nope"))
     out = ingestd("load", "orders", "--day", D.isoformat(), config=cfg, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert drops.read_text() == "0"
-    retries = [l for l in out.stderr.splitlines() if "load.retry" in l]
+    retries = [ln for ln in out.stderr.splitlines() if "load.retry" in ln]
     assert len(retries) == 2 and "simulated drop" in retries[0]
     assert sink_rows(tmp_path / "analytics.duckdb", "orders", D) == 5000
     assert state_query(tmp_path / "state.db", "SELECT status, rows_written FROM runs") == [("succeeded", 5000)]
@@ -87,7 +96,8 @@ def test_a_connection_that_keeps_dropping_fails_the_run_with_the_reason(tmp_path
     drops = tmp_path / "drops"
     drops.write_text("99")
     cfg = write_config(tmp_path, connection_type="flakyduck")
-    env = cli_env([fault_plugin(tmp_path)], INGESTD_TEST_DROPS=str(drops), INGESTD_TEST_DISK_FULL=str(tmp_path / "nope"))
+    env = cli_env([fault_plugin(tmp_path)], INGESTD_TEST_DROPS=str(drops),
+                  INGESTD_TEST_DISK_FULL=str(tmp_path / "nope"))
     out = ingestd("load", "orders", "--day", D.isoformat(), config=cfg, env=env)
     assert out.returncode == 1
     assert state_query(tmp_path / "state.db", "SELECT status, reason FROM runs") == [

@@ -101,7 +101,8 @@ def test_configured_sink_builds_the_named_sink_as_the_daemon_does(tmp_path, monk
                       '[sinks.second]\ntype = "duckdb"\npath = "/abs/b.duckdb"\n\n'
                       '[connections.wh]\ntype = "no-such-type"\npassword_env = "NOT_SET_HERE"\n')
     first = configured_sink(config)
-    assert (type(first).type_name, first.name, str(first.config.path)) == ("sqlite", "first", str(config.parent / "a.sqlite"))
+    assert (type(first).type_name, first.name, str(first.config.path)) == \
+        ("sqlite", "first", str(config.parent / "a.sqlite"))
     second = configured_sink(config, "second")
     assert (type(second).type_name, second.name, str(second.config.path)) == ("duckdb", "second", "/abs/b.duckdb")
     with pytest.raises(ConfigErrors, match=r"sinks\.third: no such sink \(configured: first, second\)"):
@@ -201,4 +202,5 @@ def test_the_kit_imports_only_ingestd_pytest_and_pyarrow():
                     continue
                 else:
                     bad.append(f"{where}:{node.lineno}: imports {module}")
-    assert not bad, "the kit imports only ingestd (its public names), pytest, pyarrow and the standard library:\n" + "\n".join(bad)
+    assert not bad, ("the kit imports only ingestd (its public names), pytest, pyarrow and the standard library:\n"
+                     + "\n".join(bad))

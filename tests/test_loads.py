@@ -6,7 +6,7 @@ import json
 
 import duckdb
 
-from tests.support import Warehouse, ingestd, state_query, write_config, sink_rows
+from tests.support import ingestd, sink_rows, state_query, write_config
 
 D = dt.date(2026, 11, 20)
 
@@ -16,7 +16,8 @@ def at(day: dt.date, hh: int, mm: int = 5) -> str:
 
 
 def partition(tmp_path, day, source="orders"):
-    rows = state_query(tmp_path / "state.db", "SELECT status, generation, rows FROM partitions WHERE source = ? AND day = ?",
+    rows = state_query(tmp_path / "state.db",
+                       "SELECT status, generation, rows FROM partitions WHERE source = ? AND day = ?",
                        (source, day.isoformat()))
     return rows[0] if rows else None
 
@@ -112,7 +113,8 @@ def test_rejected_rows_are_counted_sampled_and_fail_the_load_only_past_the_limit
     cfg = write_config(tmp_path, max_reject_pct=1.0)
     out = ingestd("load", "orders", "--day", D.isoformat(), config=cfg)
     assert out.returncode == 0, out.stderr
-    run = state_query(tmp_path / "state.db", "SELECT run_id, rows_fetched, rows_written, rows_rejected, rejects FROM runs")[0]
+    run = state_query(tmp_path / "state.db",
+                      "SELECT run_id, rows_fetched, rows_written, rows_rejected, rejects FROM runs")[0]
     assert run[1:4] == (1000, 995, 5)
     assert json.loads(run[4]) == {"missing_unit_id": 5}
     samples = state_query(tmp_path / "state.db", "SELECT reason, row FROM rejects WHERE run_id = ?", (run[0],))
@@ -149,7 +151,8 @@ def test_status_shows_days_and_next_windows(tmp_path, warehouse):
     out = ingestd("status", "orders", "--json", "--days", "100000", config=cfg, check=True)
     report = json.loads(out.stdout)["sources"][0]
     assert report["days"][0]["day"] == D.isoformat()
-    assert (report["days"][0]["status"], report["days"][0]["rows"], report["days"][0]["generation"]) == ("succeeded", 10, 1)
+    first = report["days"][0]
+    assert (first["status"], first["rows"], first["generation"]) == ("succeeded", 10, 1)
     assert report["next_load"] and report["next_recheck"]
     text = ingestd("status", config=cfg, check=True).stdout
     assert "next load window" in text and D.isoformat() in text

@@ -55,7 +55,8 @@ def test_second_id_column_is_used_when_the_first_is_null():
     (dict(props="{not json"), "bad_metadata_json"),
 ])
 def test_bad_rows_are_rejected_with_their_reason(bad, reason):
-    rows = [row(ts="2026-01-05T01:00:00Z"), row(ts="2026-01-05T02:00:00Z", **{k: v for k, v in bad.items() if k != "ts"})]
+    rows = [row(ts="2026-01-05T01:00:00Z"),
+            row(ts="2026-01-05T02:00:00Z", **{k: v for k, v in bad.items() if k != "ts"})]
     if "ts" in bad:
         rows[1]["ts"] = bad["ts"]
     out = events_mapper().map(pa.RecordBatch.from_pylist(rows))
@@ -111,3 +112,43 @@ def test_mapping_config_rules():
         Mapping(ids={"u": "u"}, metric_name="m", metric_value="v", numerator="n").check("metrics")
     with pytest.raises(ConfigError, match="at least one id type"):
         Mapping(timestamp="t", event_name="e").check("events")
+
+
+@pytest.mark.parametrize("unit", [None, "auto"])
+def test_epoch_units_are_detected_by_magnitude_at_their_boundaries(unit):
+    """Below 1e11 an integer is seconds, below 1e14 milliseconds, below 1e17 microseconds, else
+    nanoseconds: 1e11 ms, 1e14 us and 1e17 ns are all 1973-03-03 09:46:40 UTC, while 1e11 - 1
+    seconds is the year 5138, a bad timestamp rather than a time outside the day."""
+    m = Mapping(ids={"user_id": "uid"}, timestamp="ts", event_name="ev", timestamp_unit=unit)
+    m.check("events")
+    day = dt.date(1973, 3, 3)
+    mapper = RowMapper("events", m, DayWindow.of(day), source="web", generation=1, ingested_at=NOW)
+    values = [10**11, 10**14, 10**17, 10**11 - 1, 10**14 - 1, 1_700_000_000]
+    batch = pa.RecordBatch.from_pydict({"ts": pa.array(values, pa.int64()), "uid": ["u"] * 6, "ev": ["e"] * 6})
+    out = mapper.map(batch)
+    boundary = dt.datetime(1973, 3, 3, 9, 46, 40, tzinfo=dt.UTC)
+    assert out.rows.column("timestamp").to_pylist() == [boundary] * 3
+    # 1e14 - 1 ms is the year 5138 (bad); 1.7e9 s is 2023 (a real time, but not this day)
+    assert out.rejects == {"bad_timestamp": 2, "timestamp_outside_day": 1}
+
+
+@pytest.mark.parametrize("unit, scale", [("s", 1), ("ms", 10**3), ("us", 10**6), ("ns", 10**9)])
+def test_an_explicit_epoch_unit_reads_that_unit_and_rejects_other_magnitudes(unit, scale):
+    m = Mapping(ids={"user_id": "uid"}, timestamp="ts", event_name="ev", timestamp_unit=unit)
+    m.check("events")
+    mapper = RowMapper("events", m, DayWindow.of(DAY), source="web", generation=1, ingested_at=NOW)
+    start = int(dt.datetime(2026, 1, 5, 12, 30, tzinfo=dt.UTC).timestamp())
+    values = [start * scale, -(2**62)] + ([start * scale * 1000] if unit != "ns" else [])  # a larger unit's value
+    n = len(values)
+    batch = pa.RecordBatch.from_pydict({"ts": pa.array(values, pa.int64()), "uid": ["u"] * n, "ev": ["e"] * n})
+    out = mapper.map(batch)
+    assert out.rows.column("timestamp").to_pylist() == [dt.datetime(2026, 1, 5, 12, 30, tzinfo=dt.UTC)]
+    assert out.rejects == {"bad_timestamp": n - 1}
+
+
+def test_a_boolean_timestamp_is_a_bad_timestamp_not_a_failed_batch():
+    m = Mapping(ids={"user_id": "uid"}, timestamp="ts", event_name="ev")
+    m.check("events")
+    mapper = RowMapper("events", m, DayWindow.of(DAY), source="web", generation=1, ingested_at=NOW)
+    out = mapper.map(pa.RecordBatch.from_pydict({"ts": [True, False], "uid": ["a", "b"], "ev": ["e", "e"]}))
+    assert out.rows.num_rows == 0 and out.rejects == {"bad_timestamp": 2}

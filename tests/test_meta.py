@@ -30,7 +30,6 @@ D = dt.date(2026, 11, 20)
 sys.path.insert(0, str(ROOT / "scripts"))
 import plugin_docs  # noqa: E402
 
-
 # -- the hooks, the guide, the tests -----------------------------------------------------------
 
 def hook_names() -> list[str]:
@@ -257,7 +256,8 @@ def kernel_import_violations(source: str, filename: str, *, test_code: bool = Fa
             if node.module == "ingestd":
                 for alias in node.names:
                     if alias.name != "*" and alias.name not in public:
-                        out.append(f"{filename}:{node.lineno}: from ingestd import {alias.name} (not in ingestd.__all__)")
+                        out.append(f"{filename}:{node.lineno}: from ingestd import {alias.name} "
+                                   "(not in ingestd.__all__)")
             elif node.module.startswith("ingestd.") and not _module_allowed(node.module, test_code):
                 out.append(f"{filename}:{node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
@@ -510,7 +510,7 @@ def test_disable_plugins_blocks_plugins_by_name(tmp_path, warehouse):
     assert ingestd("check", config=cfg, env=cli_env([extra])).returncode == 0  # usable while enabled
 
     env = cli_env([extra], INGESTD_DISABLE_PLUGINS=" blockme , sqlite_sink,not_installed")
-    lines = {l.split()[0]: l for l in ingestd("plugins", env=env, check=True).stdout.splitlines()}
+    lines = {ln.split()[0]: ln for ln in ingestd("plugins", env=env, check=True).stdout.splitlines()}
     for name in ("blockme", "sqlite_sink"):
         assert "disabled by INGESTD_DISABLE_PLUGINS" in lines[name], lines[name]
     assert "connector:duckdb" in lines["duckdb"] and "disabled" not in lines["duckdb"]
@@ -574,7 +574,8 @@ def test_plugins_json_shows_distribution_version_api_types_and_load_error(tmp_pa
     assert infos["listed"] == {"name": "listed", "module": "listed", "distribution": "listed", "version": "2.3.4",
                                "api": [2, 3], "connectors": ["listedwh"], "sinks": ["listedsink"], "error": None}
     assert infos["crashy"]["error"] == "RuntimeError: this plugin is broken on purpose"
-    assert (infos["crashy"]["distribution"], infos["crashy"]["version"], infos["crashy"]["api"]) == ("crashy", "0.0.1", None)
+    crashy_info = infos["crashy"]
+    assert (crashy_info["distribution"], crashy_info["version"], crashy_info["api"]) == ("crashy", "0.0.1", None)
     assert infos["ancient"]["error"] == "PluginError: supports plugin API 0..0, but this ingestd has API 2"
     assert "declares no INGESTD_API" in infos["undeclared"]["error"]
     version = importlib.metadata.version("ingestd")
@@ -583,7 +584,7 @@ def test_plugins_json_shows_distribution_version_api_types_and_load_error(tmp_pa
     assert infos["duckdb_sink"]["sinks"] == ["duckdb"]
 
     text = ingestd("plugins", env=env, check=True).stdout
-    line = next(l for l in text.splitlines() if l.startswith("listed "))
+    line = next(ln for ln in text.splitlines() if ln.startswith("listed "))
     assert re.search(r"listed\s+listed 2\.3\.4\s+API 2\.\.3\s+connector:listedwh, sink:listedsink$", line), line
-    crashy = next(l for l in text.splitlines() if l.startswith("crashy "))
+    crashy = next(ln for ln in text.splitlines() if ln.startswith("crashy "))
     assert "crashy 0.0.1" in crashy and "FAILED: RuntimeError: this plugin is broken on purpose" in crashy

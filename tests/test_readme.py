@@ -113,7 +113,8 @@ def test_each_samples_commented_out_keys_are_real_keys_with_valid_values(path, m
         without_validate = type(model.__name__, (model,), {"validate": None})
         built = build_model(without_validate, table, where)
     else:
-        assert plugin not in ALTERNATIVES, f"{plugin} now takes all its optional keys at once: drop it from ALTERNATIVES"
+        assert plugin not in ALTERNATIVES, \
+            f"{plugin} now takes all its optional keys at once: drop it from ALTERNATIVES"
     assert built is not None
 
 

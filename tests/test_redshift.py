@@ -20,16 +20,16 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
+import ingestd.plugins.redshift as redshift_plugin
 from ingestd import PermanentError, Registry, Secret, TransientError, build_model
-from ingestd.engine.ingest import with_retry
 from ingestd.core.models import ConfigErrors, redact
 from ingestd.core.query import DayWindow, render
 from ingestd.core.schema import Mapping, RowMapper
-from ingestd.testing import ConnectorSuite
-import ingestd.plugins.redshift as redshift_plugin
+from ingestd.engine.ingest import with_retry
 from ingestd.plugins.redshift import connector as redshift
 from ingestd.plugins.redshift import fast_rows
 from ingestd.plugins.redshift.connector import RedshiftConfig, RedshiftConnector, connect_kwargs
+from ingestd.testing import ConnectorSuite
 from tests.pg_proxy import RedshiftProxy
 from tests.postgres import postgres_cluster  # noqa: F401  (module-scoped fixture)
 from tests.support import cli_env, ingestd, sink_rows, state_query
@@ -113,7 +113,8 @@ class PgKitTable:
     def __init__(self, pg):
         self.pg = pg
         self.name = f"kit_events_{next(_names)}"
-        sql(pg, f"CREATE TABLE {self.name} (ts TIMESTAMP, user_id VARCHAR(64), event VARCHAR(64), value DOUBLE PRECISION)")
+        sql(pg, f"CREATE TABLE {self.name} "
+                "(ts TIMESTAMP, user_id VARCHAR(64), event VARCHAR(64), value DOUBLE PRECISION)")
         sql(pg, f"GRANT SELECT ON {self.name} TO {USER}")
 
     def _write(self, statement, rows):
@@ -124,7 +125,8 @@ class PgKitTable:
         await asyncio.to_thread(self._write, f"INSERT INTO {self.name} VALUES (%s, %s, %s, %s)", rows)
 
     async def update_value(self, user_id, value):
-        await asyncio.to_thread(self._write, f"UPDATE {self.name} SET value = %s WHERE user_id = %s", [(value, user_id)])
+        await asyncio.to_thread(self._write, f"UPDATE {self.name} SET value = %s WHERE user_id = %s",
+                                [(value, user_id)])
 
 
 def closed_port() -> int:
@@ -233,7 +235,8 @@ async def test_a_missing_driver_is_a_permanent_error_saying_how_to_install_it(pr
 async def test_the_proxy_fixes_the_start_up_exchange(proxy):
     await connector(proxy).check()
     stats = proxy.stats
-    assert {"client_protocol_version", "driver_version", "os_version", "driver_discovery_version"} <= stats.dropped_params
+    assert {"client_protocol_version", "driver_version", "os_version",
+            "driver_discovery_version"} <= stats.dropped_params
     assert stats.server_versions and stats.server_versions[0].startswith("15")
     assert stats.sasl_fixed >= 1, "SCRAM auth went through the proxy's fix of the mechanism list"
 
@@ -258,7 +261,8 @@ async def test_day_values_are_bound_server_side_and_literals_are_left_alone(pg, 
     log = wait_until(lambda: "parameters: $1 = '2026-03-10 00:00:00'" in pg.log_tail(200_000) and pg.log_tail(200_000),
                      what="the statement log")
     declared = [(statement, values) for statement, values in re.findall(
-        r"LOG:  execute [^:]+: (DECLARE ingestd_\w+ CURSOR FOR.*?)\n\d{4}-\d\d-\d\d [^\n]*DETAIL:  parameters: ([^\n]*)",
+        r"LOG:  execute [^:]+: (DECLARE ingestd_\w+ CURSOR FOR.*?)\n"
+        r"\d{4}-\d\d-\d\d [^\n]*DETAIL:  parameters: ([^\n]*)",
         log, re.S) if table in statement]
     assert len(declared) == 1, log[-3000:]
     statement, values = declared[0]
@@ -291,7 +295,8 @@ async def test_every_redshift_type_arrives_as_its_arrow_type_and_maps_to_the_sch
         (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)""")
     supers_before = proxy.stats.super_columns
     query = day_query(f"SELECT * FROM {name} WHERE c_date = {{day}} OR c_date IS NULL ORDER BY c_smallint")
-    batch = pa.Table.from_batches([b async for b in connector(proxy).fetch(query, 100)]).combine_chunks().to_batches()[0]
+    fetched = [b async for b in connector(proxy).fetch(query, 100)]
+    batch = pa.Table.from_batches(fetched).combine_chunks().to_batches()[0]
     assert proxy.stats.super_columns > supers_before, "the jsonb column reached the driver as SUPER (oid 4000)"
     assert {f.name: f.type for f in batch.schema} == EXPECTED_TYPES
     full, empty = batch.to_pylist()
@@ -321,7 +326,8 @@ async def test_every_redshift_type_arrives_as_its_arrow_type_and_maps_to_the_sch
     assert json.loads(row["ids"]) == {"user_id": "9000000000", "device_id": "ab    "}
     meta = json.loads(row["metadata"])
     assert meta["a"] == [1, 2] and meta["b"] == "x" and meta["c_boolean"] is True and meta["c_smallint"] == -7
-    assert meta["c_real"] == 1.5 and meta["c_date"] == "2026-03-10" and meta["c_timestamp"].startswith("2026-03-10 08:30")
+    assert meta["c_real"] == 1.5 and meta["c_date"] == "2026-03-10"
+    assert meta["c_timestamp"].startswith("2026-03-10 08:30")
 
     metrics = Mapping(date="c_date", ids={"user_id": "c_integer"}, metric_name="c_varchar", metric_value="c_decimal",
                       numerator="c_bigint", denominator="c_smallint")
@@ -366,7 +372,7 @@ async def test_timestamps_decoded_from_wire_integers_equal_the_drivers_own_datet
     finally:
         con.close()
     assert len(got) == len(expected) == 10
-    for row, (n, ts, tz) in zip(got, expected):
+    for row, (n, ts, tz) in zip(got, expected, strict=True):
         tz = tz if tz is None or tz.tzinfo else tz.replace(tzinfo=dt.UTC)  # the driver's clamp drops the zone
         assert (row["n"], row["ts"], row["tz"]) == (n, ts, tz), n
 
@@ -377,6 +383,7 @@ def test_the_driver_internals_the_connector_relies_on_are_still_there(proxy):
     one would quietly fall back to the driver's slow decoding, or lose the server-side cancel:
     this fails instead, naming each internal that changed."""
     import importlib.metadata
+
     import redshift_connector
 
     con = redshift_connector.connect(host=proxy.host, port=proxy.port, database=DB, user=USER, password=PASSWORD,
@@ -389,7 +396,8 @@ def test_the_driver_internals_the_connector_relies_on_are_still_there(proxy):
         changed = fast_rows.internals_changed(con, cur)
         usock, key = getattr(con, "_usock", None), getattr(con, "_backend_key_data", None)
         if not all(callable(getattr(usock, m, None)) for m in ("getpeername", "settimeout", "shutdown")):
-            changed.append(f"Connection._usock (the socket the cancel request and the session timeout use) is {usock!r}")
+            changed.append("Connection._usock (the socket the cancel request and the session timeout use) is "
+                           f"{usock!r}")
         if not isinstance(key, (bytes, bytearray)) or len(key) != 8:
             changed.append(f"Connection._backend_key_data (the key a CancelRequest sends) is {key!r}")
         row_desc = (getattr(cur, "ps", None) or {}).get("row_desc") or []
@@ -438,7 +446,8 @@ async def test_bad_sql_is_a_permanent_error_with_its_sqlstate_and_a_plain_senten
     table = events_table(pg)
     c = connector(proxy)
     cases = [
-        (f"SELEC ts FROM {table} WHERE ts >= {{start}}", "42601", "the query is not valid SQL: syntax error at or near"),
+        (f"SELEC ts FROM {table} WHERE ts >= {{start}}", "42601",
+         "the query is not valid SQL: syntax error at or near"),
         ("SELECT ts FROM no_such_table WHERE ts >= {start}", "42P01",
          'the query names a table or view that does not exist: relation "no_such_table" does not exist'),
         (f"SELECT no_such_column FROM {table} WHERE ts >= {{start}}", "42703",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import (Warehouse, cli_env, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for)
+from tests.support import Warehouse, cli_env, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for
 
 TODAY = dt.datetime.now(dt.UTC).date()
 OLDER, NEWER = TODAY - dt.timedelta(days=2), TODAY - dt.timedelta(days=1)
@@ -37,7 +37,7 @@ def config(*, name: str = "orders", sink: str = "main", connection: str = "wh", 
         event_name = "event"
         ids = {{ user_id = "user_id" }}
     """ if with_source else ""
-    return textwrap.dedent(f"""
+    return textwrap.dedent("""
         [daemon]
         state_path = "state.db"
         batch_rows = 1000

@@ -10,12 +10,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.support import (ROOT, cli_env, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for,
-                           write_config)
+from tests.support import ROOT, cli_env, sink_rows, slow_plugin, spawn_ingestd, state_query, wait_for, write_config
 
 D = dt.date(2026, 11, 20)
 
@@ -34,7 +32,7 @@ class NotifySocket:
         while time.monotonic() < end:
             try:
                 data = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             for line in data.split("\n"):
                 self.messages.append((time.monotonic(), line))
@@ -42,13 +40,13 @@ class NotifySocket:
     def until(self, line_start: str, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if any(l.startswith(line_start) for _, l in self.messages):
+            if any(ln.startswith(line_start) for _, ln in self.messages):
                 return
             self.pump(0.2)
         raise AssertionError(f"no {line_start} in {self.messages}")
 
     def lines(self, start: str) -> list[str]:
-        return [l for _, l in self.messages if l.startswith(start)]
+        return [ln for _, ln in self.messages if ln.startswith(start)]
 
     def close(self):
         self.sock.close()
@@ -72,15 +70,15 @@ def test_notify_ready_status_watchdog_reloading_stopping(tmp_path, warehouse, no
         assert (tmp_path / "state.db").exists()  # the state store is up before READY
         assert notify.messages[0][1] == "READY=1"
         notify.pump(2.5)
-        pings = [t for t, l in notify.messages if l == "WATCHDOG=1"]
+        pings = [t for t, ln in notify.messages if ln == "WATCHDOG=1"]
         assert len(pings) >= 4, notify.messages  # every half interval (0.5 s), from the event loop
         assert notify.lines("STATUS=")
         proc.send_signal(signal.SIGHUP)
         notify.until("RELOADING=1")
-        assert any(l.startswith("MONOTONIC_USEC=") for _, l in notify.messages)
-        ready_after_reload = [i for i, (_, l) in enumerate(notify.messages) if l == "READY=1"]
+        assert any(ln.startswith("MONOTONIC_USEC=") for _, ln in notify.messages)
+        ready_after_reload = [i for i, (_, ln) in enumerate(notify.messages) if ln == "READY=1"]
         notify.pump(1.0)
-        assert len([l for _, l in notify.messages if l == "READY=1"]) >= 2 or ready_after_reload
+        assert len([ln for _, ln in notify.messages if ln == "READY=1"]) >= 2 or ready_after_reload
         proc.send_signal(signal.SIGTERM)
         notify.until("STOPPING=1")
         assert proc.wait(30) == 0
@@ -160,9 +158,9 @@ def test_sighup_adds_a_source_and_refuses_an_invalid_config(tmp_path, warehouse,
         if proc.poll() is None:
             proc.kill()
     out = proc.stdout.read()
-    refused = [json.loads(l) for l in out.splitlines() if '"config.reload_refused"' in l]
+    refused = [json.loads(ln) for ln in out.splitlines() if '"config.reload_refused"' in ln]
     assert refused and "sources.bad.kind: missing" in refused[0]["error"]
-    reloaded = [json.loads(l) for l in out.splitlines() if '"config.reloaded"' in l]
+    reloaded = [json.loads(ln) for ln in out.splitlines() if '"config.reloaded"' in ln]
     assert reloaded and reloaded[0]["added"] == ["copy"]
 
 
@@ -206,11 +204,11 @@ def test_sighup_adds_a_sink_and_refuses_one_that_cannot_open(tmp_path, warehouse
             proc.kill()
     assert sink_rows(tmp_path / "other.duckdb", "copy", YESTERDAY) == 100
     out = proc.stdout.read()
-    refused = [json.loads(l) for l in out.splitlines() if '"config.reload_refused"' in l]
+    refused = [json.loads(ln) for ln in out.splitlines() if '"config.reload_refused"' in ln]
     assert refused and "sinks.other: could not be opened" in refused[0]["error"], out[-2000:]
-    reloaded = [json.loads(l) for l in out.splitlines() if '"config.reloaded"' in l]
+    reloaded = [json.loads(ln) for ln in out.splitlines() if '"config.reloaded"' in ln]
     assert reloaded and reloaded[0]["sinks"] == ["other"] and reloaded[0]["added"] == ["copy"]
-    restart = [json.loads(l) for l in out.splitlines() if '"config.restart_needed"' in l]
+    restart = [json.loads(ln) for ln in out.splitlines() if '"config.restart_needed"' in ln]
     assert restart and restart[0]["keys"] == ["daemon.max_concurrent_loads"]
 
 
@@ -220,8 +218,8 @@ def test_logs_are_json_lines_with_stable_keys(tmp_path, warehouse):
     out = subprocess.run([str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3",
                           "-m", "ingestd", "-c", str(cfg), "run", "--once", "--now", "2026-11-21T06:05:00Z"],
                          capture_output=True, text=True, env=cli_env(), timeout=120)
-    lines = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
-    done = [l for l in lines if l["event"] == "load.succeeded"][0]
+    lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.strip()]
+    done = [rec for rec in lines if rec["event"] == "load.succeeded"][0]
     for key in ("source", "day", "run_id", "generation", "rows", "duration_ms", "timestamp", "level"):
         assert key in done, key
 

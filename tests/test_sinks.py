@@ -14,14 +14,14 @@ import textwrap
 import duckdb
 import pytest
 
-from ingestd import PartitionInfo, Registry, SinkError, Target, build_model
-from ingestd.core.errors import ConfigErrors
-from ingestd.testing import SinkSuite
-from ingestd.testing.sink_suite import DAY, Gate, KitFailure, feed, kit_batch, kit_batches
 import ingestd.plugins.duckdb_sink as duckdb_sink
 import ingestd.plugins.sqlite_sink as sqlite_sink
+from ingestd import PartitionInfo, Registry, SinkError, Target, build_model
+from ingestd.core.errors import ConfigErrors
 from ingestd.plugins.duckdb_sink.sink import DuckDBSink, DuckDBSinkConfig
 from ingestd.plugins.sqlite_sink.sink import SQLiteSink, SQLiteSinkConfig
+from ingestd.testing import SinkSuite
+from ingestd.testing.sink_suite import DAY, Gate, KitFailure, feed, kit_batch, kit_batches
 from tests.support import ROOT
 
 

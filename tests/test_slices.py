@@ -9,7 +9,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import pyarrow as pa
 import pytest
 
 from ingestd import Capabilities, Connector, PermanentError, ProbeResult, SourceInfo, TransientError
-from ingestd.core.errors import ConfigErrors
 from ingestd.core.config import load_config
-from ingestd.plugin.manager import load_plugins
-from ingestd.core.query import DayWindow, render
-from ingestd.core.query import day_queries, sub_windows
+from ingestd.core.errors import ConfigErrors
+from ingestd.core.query import DayWindow, day_queries, render, sub_windows
 from ingestd.engine.slices import SliceTask, stream_slices
+from ingestd.plugin.manager import load_plugins
 from tests.support import cli_env, ingestd, plugin_dist, state_query, write_config
 
 D = dt.date(2026, 11, 20)
@@ -65,7 +63,7 @@ def test_sub_windows_cover_the_day_exactly_without_overlap(timezone, day, k):
     window = DayWindow.of(day, timezone)  # 2026-11-01 in Los Angeles has 25 hours
     parts = sub_windows(window, k)
     assert len(parts) == k and parts[0].start == window.start and parts[-1].end == window.end
-    assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
+    assert all(a.end == b.start for a, b in zip(parts, parts[1:], strict=False))
     assert all(p.day == day and p.timezone == timezone and p.start < p.end for p in parts)
     lengths = [p.end - p.start for p in parts]
     assert max(lengths) - min(lengths) <= dt.timedelta(microseconds=1)

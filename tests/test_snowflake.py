@@ -38,15 +38,13 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
+import ingestd.plugins.snowflake as snowflake_plugin
 from ingestd import PermanentError, Registry, SourceInfo, TransientError, build_model
 from ingestd.core.models import ConfigErrors
 from ingestd.core.query import DayWindow, render
 from ingestd.core.schema import Mapping, RowMapper
+from ingestd.plugins.snowflake.connector import SnowflakeConfig, SnowflakeConnector, identifier, normalize, translate
 from ingestd.testing import ConnectorSuite
-import ingestd.plugins.snowflake as snowflake_plugin
-from ingestd.plugins.snowflake import connector as sf_plugin
-from ingestd.plugins.snowflake.connector import (SnowflakeConfig, SnowflakeConnector, identifier, normalize,
-                               translate)
 from tests.fakesnow_server import FakeSnowServer, free_port
 from tests.support import ROOT, cli_env, ingestd, sink_rows, state_query
 
@@ -570,7 +568,7 @@ async def test_snowflake_types_arrive_as_arrow_types_and_map_to_the_schema(serve
     assert len(batches) == 1
     batch = batches[0]
     utc = pa.timestamp("us", tz="UTC")
-    assert dict(zip(batch.schema.names, batch.schema.types)) == {
+    assert dict(zip(batch.schema.names, batch.schema.types, strict=True)) == {
         "ts_ntz": utc, "ts_ltz": utc, "ts_tz": utc, "amount": pa.decimal128(10, 2), "n": pa.int64(),
         "f": pa.float64(), "ok": pa.bool_(), "name": pa.string(), "d": pa.date32(), "v": pa.string(),
         "o": pa.string(), "a": pa.string()}

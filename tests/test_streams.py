@@ -195,8 +195,7 @@ async def test_put_all_closes_the_producers_generator_when_the_stream_stops():
 
     def pages():
         try:
-            for i in range(1000):
-                yield i
+            yield from range(1000)
         finally:
             closed.set()  # a generator's clean-up: close the result stream
 

@@ -8,15 +8,12 @@ import random
 import socket
 from typing import Any
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from ..core.config import BusSection
-from .mqtt import base_topic, make_client
+from .mqtt import base_topic, make_client, publish_properties
 
 
 async def send_request(bus: BusSection, instance: str, command: str, body: dict[str, Any], *, timeout: float = 10.0,
-                       username: str | None = None, password: str | None = None) -> dict:
+                       username: str | None = None, password: str | None = None) -> dict[str, Any]:
     """Publish one request and wait for its answer (MQTT 5 response topic + correlation data,
     or `response/<command>` matched on `transaction` under MQTT 3.1.1)."""
     base = base_topic(bus, instance)
@@ -27,7 +24,7 @@ async def send_request(bus: BusSection, instance: str, command: str, body: dict[
         props = None
         if bus.protocol == "5":
             reply = f"{base}/response/{command}/{token}"
-            props = Properties(PacketTypes.PUBLISH)
+            props = publish_properties()
             props.ResponseTopic = reply
             props.CorrelationData = token.encode()
         else:
@@ -40,6 +37,6 @@ async def send_request(bus: BusSection, instance: str, command: str, body: dict[
                     result = json.loads(message.payload)
                 except ValueError:
                     continue
-                if result.get("transaction") == body["transaction"]:
+                if isinstance(result, dict) and result.get("transaction") == body["transaction"]:
                     return result
     raise TimeoutError

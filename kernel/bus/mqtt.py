@@ -4,12 +4,19 @@ configured aiomqtt client (protocol version, TLS, credentials)."""
 from __future__ import annotations
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from ..core.config import BusSection
 
 
 def base_topic(bus: BusSection, instance: str) -> str:
     return bus.base_topic or f"ingestd/{instance}"
+
+
+def publish_properties() -> Properties:
+    """Empty MQTT 5 properties for a PUBLISH packet."""
+    return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho 2 leaves __init__ unannotated
 
 
 def make_client(bus: BusSection, client_id: str, *, will: aiomqtt.Will | None = None,

@@ -21,8 +21,6 @@ from collections.abc import Coroutine
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from ..core import logs
 from ..core.events import Event
@@ -30,7 +28,7 @@ from ..engine.runtime import Runtime
 from ..service.control import Control
 from ..service.requests import answer, handle
 from ..service.views import retained_source_state
-from .mqtt import base_topic, make_client
+from .mqtt import base_topic, make_client, publish_properties
 
 log = logs.get("ingestd.bus")
 
@@ -49,7 +47,7 @@ async def _first_failure(*coros: Coroutine[Any, Any, None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def bus_service(rt: Runtime, control: Control) -> "Bus | None":
+def bus_service(rt: Runtime, control: Control) -> Bus | None:
     """The daemon's bus, when `[bus] enabled = true` (a `ServiceFactory`)."""
     return Bus(rt, control) if rt.config.bus.enabled else None
 
@@ -77,6 +75,10 @@ class Bus:
         if event.source:
             self.dirty_sources.add(event.source)
 
+    def _closing(self) -> bool:
+        """Whether close() began: it runs while run() awaits, so read the flag afresh."""
+        return self.closing
+
     def _state(self, state: str) -> bytes:
         return json.dumps({"state": state, "instance": self.instance,
                            "at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")}).encode()
@@ -100,7 +102,7 @@ class Bus:
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self.client = None
-                if self.closing:
+                if self._closing():
                     return
                 attempt += 1
                 delay = min(self.cfg.reconnect_max_seconds, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
@@ -147,12 +149,13 @@ class Bus:
             log.info("request", command=command, status=result["status"], error=result["error"])
             await self._respond(client, message, command, result)
 
-    async def _respond(self, client: aiomqtt.Client, message: aiomqtt.Message, command: str, result: dict) -> None:
+    async def _respond(self, client: aiomqtt.Client, message: aiomqtt.Message, command: str,
+                       result: dict[str, Any]) -> None:
         props_in = message.properties
         topic = getattr(props_in, "ResponseTopic", None) if props_in is not None else None
         props = None
         if topic:
-            props = Properties(PacketTypes.PUBLISH)
+            props = publish_properties()
             corr = getattr(props_in, "CorrelationData", None)
             if corr is not None:
                 props.CorrelationData = corr

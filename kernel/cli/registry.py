@@ -19,7 +19,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 """Bad config or usage."""
 
-REGISTERED: dict[str, type["Command"]] = {}
+REGISTERED: dict[str, type[Command]] = {}
 
 
 class Command:

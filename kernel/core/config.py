@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from collections.abc import Mapping as ReadOnlyMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from .contracts import Registry
+from .contracts import Connector, Registry, Sink
 from .errors import ConfigError, ConfigErrors
 from .models import BASE_DIR, Secret, build_model, redact, secret_values
 from .query import uses_placeholders
 from .scheduler import validate_cron, validate_timezone
 from .schema import Mapping
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -140,7 +143,7 @@ class Config:
             values += secret_values(plugged.config)
         return [v for v in values if v]
 
-    def redacted(self) -> dict:
+    def redacted(self) -> dict[str, Any]:
         return {
             "daemon": redact(self.daemon), "bus": redact(self.bus),
             "sinks": {k: {"type": v.type, **redact(v.config)} for k, v in self.sinks.items()},
@@ -157,7 +160,8 @@ def resolve_path(config_file: Path, raw: str) -> Path:
 KNOWN_TOP = {"daemon", "bus", "sinks", "connections", "sources"}
 
 
-def load_config(path: str | os.PathLike, registry: Registry, plugin_errors: dict[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str], registry: Registry,
+                plugin_errors: dict[str, str] | None = None) -> Config:
     """Read and validate daemon.toml; raise ConfigErrors listing every problem found."""
     file, raw = _read(path)
     token = BASE_DIR.set(file.parent)
@@ -167,7 +171,7 @@ def load_config(path: str | os.PathLike, registry: Registry, plugin_errors: dict
         BASE_DIR.reset(token)
 
 
-def load_sinks(path: str | os.PathLike, registry: Registry,
+def load_sinks(path: str | os.PathLike[str], registry: Registry,
                plugin_errors: dict[str, str] | None = None) -> dict[str, Plugged]:
     """Only the `[sinks.NAME]` tables of daemon.toml, validated as `load_config` validates them.
     For reading a sink back without the rest of the config (whose connections may need
@@ -185,7 +189,7 @@ def load_sinks(path: str | os.PathLike, registry: Registry,
     return sinks
 
 
-def _read(path: str | os.PathLike) -> tuple[Path, dict]:
+def _read(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     file = Path(path).resolve()
     try:
         return file, tomllib.loads(file.read_text())
@@ -195,10 +199,10 @@ def _read(path: str | os.PathLike) -> tuple[Path, dict]:
         raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
 
 
-def _load(file: Path, raw: dict, registry: Registry, plugin_errors: dict[str, str]) -> Config:
+def _load(file: Path, raw: dict[str, Any], registry: Registry, plugin_errors: dict[str, str]) -> Config:
     errors: list[ConfigError] = []
 
-    def section(cls, table, where):
+    def section(cls: type[_T], table: dict[str, Any], where: str) -> _T | None:
         try:
             return build_model(cls, table, where)
         except ConfigErrors as exc:
@@ -237,8 +241,8 @@ def _load(file: Path, raw: dict, registry: Registry, plugin_errors: dict[str, st
     return Config(file, daemon, bus, sinks, connections, sources)
 
 
-def _plugged(tables: Any, where: str, types: dict, what: str, errors: list[ConfigError],
-             plugin_errors: dict[str, str], registry: Registry) -> dict[str, Plugged]:
+def _plugged(tables: Any, where: str, types: ReadOnlyMap[str, type[Connector] | type[Sink]], what: str,
+             errors: list[ConfigError], plugin_errors: dict[str, str], registry: Registry) -> dict[str, Plugged]:
     out: dict[str, Plugged] = {}
     if not isinstance(tables, dict):
         errors.append(ConfigError(where, f"expected a table of [{where}.NAME] tables"))
@@ -250,7 +254,8 @@ def _plugged(tables: Any, where: str, types: dict, what: str, errors: list[Confi
             continue
         kind = table.get("type")
         if not isinstance(kind, str):
-            errors.append(ConfigError(f"{path}.type", f"missing: name the {what} type ({', '.join(sorted(types)) or 'none loaded'})"))
+            known = ", ".join(sorted(types)) or "none loaded"
+            errors.append(ConfigError(f"{path}.type", f"missing: name the {what} type ({known})"))
             continue
         cls = types.get(kind)
         if cls is None:
@@ -267,8 +272,8 @@ def _plugged(tables: Any, where: str, types: dict, what: str, errors: list[Confi
     return out
 
 
-def _check_source(name: str, src: SourceSection, sinks: dict, connections: dict, raw_connections: Any,
-                  errors: list[ConfigError]) -> None:
+def _check_source(name: str, src: SourceSection, sinks: dict[str, Plugged], connections: dict[str, Plugged],
+                  raw_connections: Any, errors: list[ConfigError]) -> None:
     where = f"sources.{name}"
     if src.connection not in connections and src.connection not in (raw_connections or {}):
         errors.append(ConfigError(f"{where}.connection", f"no [connections.{src.connection}] table"

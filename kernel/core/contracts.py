@@ -7,11 +7,12 @@ thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import pyarrow as pa
 
@@ -19,6 +20,26 @@ from .errors import PluginError
 from .query import DayQuery, ParamStyle
 
 Kind = Literal["events", "metrics"]
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A stream with `aclose()`, as an async generator has: how an abandoned stream is stopped."""
+
+    def aclose(self) -> Awaitable[object]: ...
+
+
+@contextlib.asynccontextmanager
+async def aclosing_stream(stream: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T], None]:
+    """`contextlib.aclosing` for what `fetch` and `scan` return: an async iterator, closed on exit
+    with its `aclose()` when it is `Closable`, so an abandoned stream stops."""
+    try:
+        yield stream
+    finally:
+        if isinstance(stream, Closable):
+            await stream.aclose()
 
 
 @dataclass(frozen=True)
@@ -55,7 +76,7 @@ class Connector(ABC):
 
     type_name: ClassVar[str]
     config_model: ClassVar[type]
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()  # per instance: capabilities_for(config)
 
     def __init__(self, config: Any, *, name: str):
         self.config = config
@@ -78,10 +99,11 @@ class Connector(ABC):
         """The day's row count (and fingerprint if capable), without downloading rows."""
 
     @abstractmethod
-    def fetch(self, query: DayQuery, batch_rows: int, source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
+    def fetch(self, query: DayQuery, batch_rows: int,
+              source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
         """Stream the day's rows as RecordBatches of at most `batch_rows` rows, memory bounded."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional: nothing to release by default)
         """Release connections."""
 
 
@@ -119,7 +141,7 @@ class Sink(ABC):
         self.config = config
         self.name = name
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027  (optional: nothing to create by default)
         """Create tables and recover from a crash (drop rows of generations never made visible)."""
 
     @abstractmethod
@@ -143,7 +165,7 @@ class Sink(ABC):
         never written, and an empty generation, yield no rows. Row order is not specified.
         The kernel does not call it: the conformance kit and tools read a sink back with it."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional: nothing to flush by default)
         """Flush and release the store."""
 
 
@@ -162,7 +184,7 @@ class Registry:
     def add_sink(self, cls: type[Sink]) -> None:
         self._add("sink", self.sinks, cls, Sink)
 
-    def _add(self, what: str, table: dict, cls: type, base: type) -> None:
+    def _add(self, what: str, table: dict[str, Any], cls: type, base: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"{what} {cls!r} is not a subclass of kernel.{base.__name__}")
         name = getattr(cls, "type_name", None)

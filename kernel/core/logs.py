@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 _secrets: list[str] = []
 
@@ -33,11 +34,11 @@ def _scrub_value(value: Any) -> Any:
     return value
 
 
-def _scrubber(logger, method, event_dict):
+def _scrubber(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
     return {k: _scrub_value(v) for k, v in event_dict.items()} if _secrets else event_dict
 
 
-def configure(level: str = "info", json_output: bool | None = None, stream=None) -> None:
+def configure(level: str = "info", json_output: bool | None = None, stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     if json_output is None:
         json_output = not stream.isatty()
@@ -57,5 +58,6 @@ def configure(level: str = "info", json_output: bool | None = None, stream=None)
     )
 
 
-def get(name: str = "ingestd"):
-    return structlog.get_logger(name)
+def get(name: str = "ingestd") -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger(name)  # configure() makes it a filtering logger
+    return logger

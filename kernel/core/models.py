@@ -19,9 +19,11 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, ConfigErrors
+
+T = TypeVar("T")
 
 BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ingestd_config_dir", default=None)
 """The config file's folder while a config is read: relative `Path` fields and secret files
@@ -58,7 +60,7 @@ def _expand_path(raw: str) -> str:
     return str(path if path.is_absolute() or base is None else base / path)
 
 
-def _resolve_secret(name: str, table: dict, path: str, errors: list[ConfigError]) -> Secret | None:
+def _resolve_secret(name: str, table: dict[str, Any], path: str, errors: list[ConfigError]) -> Secret | None:
     given = [k for k in (name, f"{name}_env", f"{name}_file") if k in table]
     if len(given) > 1:
         errors.append(ConfigError(f"{path}.{given[1]}", f"give only one of {', '.join(given)}"))
@@ -120,7 +122,8 @@ def _convert(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            errors.append(ConfigError(path, f"expected one of {', '.join(repr(c) for c in choices)}, got {_show(value)}"))
+            errors.append(ConfigError(path, f"expected one of {', '.join(repr(c) for c in choices)}, "
+                                            f"got {_show(value)}"))
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -134,7 +137,7 @@ def _convert(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
             return {}
         _, val_tp = get_args(tp) or (str, Any)
         return {k: _convert(val_tp, v, f"{path}.{k}", errors) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(ConfigError(path, f"expected a table, got {_show(value)}"))
             return None
@@ -176,10 +179,11 @@ def _word(tp: Any) -> str:
     return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _build(cls: type, table: dict, path: str, errors: list[ConfigError]):
+def _build(cls: type[T], table: dict[str, Any], path: str, errors: list[ConfigError]) -> T | None:
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    secret_keys = set()
+    # cls is any dataclass (fields() raises TypeError otherwise); typeshed wants the protocol type
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
+    secret_keys: set[str] = set()
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         tp = hints[name]
@@ -219,12 +223,13 @@ def _build(cls: type, table: dict, path: str, errors: list[ConfigError]):
     return obj
 
 
-def build_model(cls: type, table: dict, path: str):
+def build_model(cls: type[T], table: dict[str, Any], path: str) -> T:
     """Build dataclass `cls` from a TOML table; raise ConfigErrors naming every bad key."""
     errors: list[ConfigError] = []
     obj = _build(cls, table, path, errors)
     if errors:
         raise ConfigErrors(errors)
+    assert obj is not None  # _build returns None only after recording an error
     return obj
 
 

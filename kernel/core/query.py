@@ -27,7 +27,7 @@ class DayWindow:
     timezone: str = "UTC"
 
     @classmethod
-    def of(cls, day: dt.date, timezone: str = "UTC") -> "DayWindow":
+    def of(cls, day: dt.date, timezone: str = "UTC") -> DayWindow:
         tz = ZoneInfo(timezone)
         nxt = day + dt.timedelta(days=1)
         start = dt.datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(dt.UTC)
@@ -47,7 +47,7 @@ class DayQuery:
     window: DayWindow
     names: tuple[str, ...] = field(default=())
 
-    def with_values(self, **values: Any) -> "DayQuery":
+    def with_values(self, **values: Any) -> DayQuery:
         """The same SQL with other parameter values (the conformance kit's injection test)."""
         if isinstance(self.params, dict):
             return DayQuery(self.sql, {**self.params, **values}, self.window, self.names)
@@ -83,7 +83,8 @@ the year 5138; a millisecond, microsecond or nanosecond time before March 1973 i
 def epoch(t: dt.datetime, unit: str) -> int:
     """A naive UTC datetime as an integer count of `unit` since 1970-01-01."""
     delta = t - dt.datetime(1970, 1, 1)
-    return (delta.days * 86_400 + delta.seconds) * EPOCH_UNITS[unit] + delta.microseconds * EPOCH_UNITS[unit] // 1_000_000
+    per_second = EPOCH_UNITS[unit]
+    return (delta.days * 86_400 + delta.seconds) * per_second + delta.microseconds * per_second // 1_000_000
 
 
 def auto_seconds(column: str) -> str:
@@ -129,7 +130,7 @@ def render(
         values.update(start=epoch(window.start, unit), end=epoch(window.end, unit))
     names: list[str] = []
 
-    def substitute(match: re.Match) -> str:
+    def substitute(match: re.Match[str]) -> str:
         name = match.group(1)
         if style in ("pyformat", "named", "at") and name in names:
             return marker(style, name, names.index(name) + 1)
@@ -187,16 +188,19 @@ def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int =
     query>) ingestd_s WHERE COALESCE(ABS(MOD(ingestd_s.<column>, k)), 0) = i`, the column quoted
     with the connector's own quote; ABS keeps negative values and COALESCE puts NULLs in slice 0.
     """
-    bind = dict(filter_column=filter_column, filter_kind=filter_kind, timestamp_unit=timestamp_unit)
+    def one(w: DayWindow) -> DayQuery:
+        return day_query(sql, w, style, filter_column=filter_column, filter_kind=filter_kind,
+                         timestamp_unit=timestamp_unit)
+
     if slices == 1:
-        return [day_query(sql, window, style, **bind)]  # type: ignore[arg-type]
+        return [one(window)]
     if slice_column:
-        whole = day_query(sql, window, style, **bind)  # type: ignore[arg-type]
+        whole = one(window)
         col = f"{SLICE_ALIAS}.{quote_ident(slice_column, style.quote)}"
         return [DayQuery(f"SELECT * FROM (\n{whole.sql}\n) {SLICE_ALIAS} "
                          f"WHERE COALESCE(ABS(MOD({col}, {slices})), 0) = {i}", whole.params, whole.window, whole.names)
                 for i in range(slices)]
-    return [day_query(sql, w, style, **bind) for w in sub_windows(window, slices)]  # type: ignore[arg-type]
+    return [one(w) for w in sub_windows(window, slices)]
 
 
 def uses_placeholders(sql: str) -> bool:

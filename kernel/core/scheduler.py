@@ -31,13 +31,13 @@ from croniter import CroniterError, croniter
 SEARCH_BACK_DAYS = 400
 MAX_WINDOWS = 10_000
 
-_UTC = dt.timezone.utc
+_UTC = dt.UTC
 _DAY = dt.timedelta(days=1)
 _MINUTE = dt.timedelta(minutes=1)
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 # (name, lowest, highest, names mapped to numbers)
-_FIELDS = (
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("minute", 0, 59, {}),
     ("hour", 0, 23, {}),
     ("day-of-month", 1, 31, {}),
@@ -48,7 +48,7 @@ _ITEM = re.compile(r"(?:\*|([0-9a-z]+)(?:-([0-9a-z]+))?)(?:/([0-9]+))?")
 
 
 @functools.lru_cache(maxsize=1024)
-def validate_cron(expr: str) -> str | None:
+def validate_cron(expr: object) -> str | None:
     """None if `expr` is a standard 5-field cron expression (minute hour day-of-month month
     day-of-week; numbers, '*', ',', '-', '/', and jan-dec / sun-sat names), else a message.
     croniter's extensions (seconds, '@daily', L, W, #, ?, H, R) are refused."""
@@ -60,13 +60,13 @@ def validate_cron(expr: str) -> str | None:
         if expr.strip().startswith("@"):
             return f"{bad} (nicknames are not supported; write 5 fields, e.g. '0 0 * * *' for daily)"
         return f"{bad} (expected 5 fields: minute hour day-of-month month day-of-week; got {len(fields)})"
-    for text, (name, lo, hi, names) in zip(fields, _FIELDS):
+    for text, (name, lo, hi, names) in zip(fields, _FIELDS, strict=True):
         for item in text.split(","):
             m = _ITEM.fullmatch(item.lower())
             if m is None:
                 return f"{bad} ({name} field {text!r}: only numbers, names, '*', ',', '-' and '/' are allowed)"
             first, last, step = m.groups()
-            for tok, raw in zip((first, last), re.split(r"[-/]", item)):
+            for tok, raw in zip((first, last), re.split(r"[-/]", item), strict=False):
                 if tok is None:
                     continue
                 value = int(tok) if tok.isdigit() else names.get(tok)
@@ -128,7 +128,11 @@ class CronWindows:
 
     def _slack(self, t: dt.datetime) -> dt.timedelta:
         """How far the zone's UTC offset moves within a day of `t`: zero except near a transition."""
-        offsets = [(t + d).astimezone(self.tz).utcoffset() for d in (-_DAY, dt.timedelta(0), _DAY)]
+        offsets: list[dt.timedelta] = []
+        for d in (-_DAY, dt.timedelta(0), _DAY):
+            offset = (t + d).astimezone(self.tz).utcoffset()
+            assert offset is not None  # aware in a ZoneInfo zone: always has an offset
+            offsets.append(offset)
         return max(offsets) - min(offsets)
 
     # -- queries -------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ class Mapping:
 @dataclass
 class MappedBatch:
     rows: pa.RecordBatch
-    rejects: Counter
+    rejects: Counter[str]
     samples: list[dict[str, Any]]
 
 
@@ -211,8 +211,13 @@ class RowMapper:
         if missing:
             said = ", ".join(f"mapping.{k} = {c!r}" for k, c in missing)
             raise PermanentError(f"{said}: not a column of the query result (columns: {', '.join(schema.names)})")
-        q = lambda c: f"src.{quote_ident(c)}"  # noqa: E731
-        typ = lambda c: schema.field(c).type  # noqa: E731
+
+        def q(c: str) -> str:
+            return f"src.{quote_ident(c)}"
+
+        def typ(c: str) -> pa.DataType:
+            return schema.field(c).type
+
         m = self.mapping
         id_cols = [(t, q(c)) for t, c in m.ids.items()]
         unit = "COALESCE(" + ", ".join(_id(c) for _, c in id_cols) + ")"
@@ -224,6 +229,8 @@ class RowMapper:
             {unit} AS unit_id, {id_type} AS id_type, {ids} AS ids,
         """
         if self.kind == "events":
+            if m.timestamp is None or m.event_name is None:  # Mapping.check refuses such a source
+                raise PermanentError("an events mapping needs timestamp and event_name")
             ts = _timestamp_expr(q(m.timestamp), typ(m.timestamp), m.timestamp_unit)
             name = _text(q(m.event_name))
             value = _text(q(m.event_value)) if m.event_value else _text(None)
@@ -254,12 +261,15 @@ class RowMapper:
                     WHEN {bad_meta} THEN 'bad_metadata_json'
                 END AS _reject
             FROM batch AS src"""
+        if m.metric_name is None:  # Mapping.check refuses such a source
+            raise PermanentError("a metrics mapping needs metric_name")
         name = _text(q(m.metric_name))
         value = _number(q(m.metric_value) if m.metric_value else None)
         num = _number(q(m.numerator) if m.numerator else None)
         den = _number(q(m.denominator) if m.denominator else None)
         ratio_given = f"({num} IS NOT NULL AND {den} IS NOT NULL)"
-        metric_value = f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END ELSE {value} END"
+        metric_value = (f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END "
+                        f"ELSE {value} END")
         bad_number = " OR ".join(
             f"({q(c)} IS NOT NULL AND {_number(q(c))} IS NULL)"
             for c in (m.metric_value, m.numerator, m.denominator) if c) or "FALSE"
@@ -301,7 +311,7 @@ class RowMapper:
         ok = pc.is_null(reasons)
         good = table.filter(ok).select(self.schema.names)
         good = good.cast(self.schema)
-        rejects: Counter = Counter()
+        rejects: Counter[str] = Counter()
         samples: list[dict[str, Any]] = []
         if good.num_rows != table.num_rows:
             bad_reasons = reasons.filter(pc.invert(ok))
@@ -311,7 +321,7 @@ class RowMapper:
             if room > 0:
                 idx = pc.indices_nonzero(pc.invert(ok)).to_pylist()[:room]
                 raw = batch.take(pa.array(idx)).to_pylist()
-                for i, row in zip(idx, raw):
+                for i, row in zip(idx, raw, strict=True):
                     samples.append({"reason": reasons[i].as_py(), "row": _json_safe(row)})
                 self.samples_kept += len(samples)
         combined = good.combine_chunks()
@@ -320,4 +330,5 @@ class RowMapper:
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(row, default=str))
+    safe: dict[str, Any] = json.loads(json.dumps(row, default=str))
+    return safe

@@ -17,8 +17,8 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar, cast
 
 import pyarrow as pa
 import structlog
@@ -55,7 +55,7 @@ class Outlet(Generic[T]):
         self._free = depth
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._items: asyncio.Queue | None = None
+        self._items: asyncio.Queue[Any] | None = None
 
     def put(self, item: T) -> bool:
         """Hand `item` to the consumer, waiting while it is `depth` items behind. False once
@@ -87,8 +87,12 @@ class Outlet(Generic[T]):
     # -- the stream's side ----------------------------------------------------------------------
 
     def _send(self, item: Any) -> bool:
+        loop, items = self._loop, self._items
+        if loop is None or items is None:  # not started: nothing can listen
+            self._stop()
+            return False
         try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+            loop.call_soon_threadsafe(items.put_nowait, item)
             return True
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self._stop()
@@ -105,7 +109,7 @@ class Outlet(Generic[T]):
             self._cond.notify_all()
 
 
-def _produce(produce: Callable[[Outlet], None], outlet: Outlet) -> None:
+def _produce(produce: Callable[[Outlet[Any]], None], outlet: Outlet[Any]) -> None:
     error: BaseException | None = None
     try:
         produce(outlet)
@@ -153,13 +157,13 @@ class ThreadStream(Generic[T]):
     stopped when it is garbage-collected.
     """
 
-    def __init__(self, produce: Callable[[Outlet], None], *, depth: int = 2,
+    def __init__(self, produce: Callable[[Outlet[T]], None], *, depth: int = 2,
                  interrupt: Callable[[], object] | None = None, name: str = "ingestd-stream",
                  interrupt_after: float = 0.2, join_seconds: float = 10.0):
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self._produce = produce
-        self._outlet: Outlet = Outlet(depth)
+        self._outlet: Outlet[T] = Outlet(depth)
         self._interrupt = interrupt
         self._name = name
         self._interrupt_after = interrupt_after
@@ -193,7 +197,9 @@ class ThreadStream(Generic[T]):
         if self._ended or self._closed:
             raise StopAsyncIteration
         self._start()
-        item = await self._outlet._items.get()
+        items = self._outlet._items
+        assert items is not None  # _start made it
+        item = await items.get()
         if isinstance(item, _End):
             self._ended = True
             if item.error is not None:
@@ -202,7 +208,7 @@ class ThreadStream(Generic[T]):
                 raise TransientError(f"{self._name}: the stream was stopped before its end")
             raise StopAsyncIteration
         self._outlet._taken()
-        return item
+        return cast(T, item)
 
     async def __aenter__(self) -> ThreadStream[T]:
         self._start()
@@ -245,7 +251,7 @@ class _Worker(Generic[C]):
     def __init__(self, connect: Callable[[], C], close: Callable[[C], object]):
         self.connect = connect
         self.close = close
-        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.con: C | None = None
         self.busy = False
         self.closing = False
@@ -327,14 +333,14 @@ class ThreadSession(Generic[C]):
         (the last added runs first)."""
         self._worker.on_close.append(fn)
 
-    def _submit(self, work: Callable[[C], T]) -> concurrent.futures.Future:
+    def _submit(self, work: Callable[[C], T]) -> concurrent.futures.Future[T]:
         with self._lock:
             if self._worker.closing:
                 raise TransientError("the call was stopped: its session is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker.serve, name=self._name, daemon=True)
                 self._thread.start()
-            future: concurrent.futures.Future = concurrent.futures.Future()
+            future: concurrent.futures.Future[T] = concurrent.futures.Future()
             self._worker.requests.put((future, work))
             return future
 

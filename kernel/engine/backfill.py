@@ -8,8 +8,8 @@ import datetime as dt
 from collections.abc import Callable
 
 from ..core import logs
-from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress
 from ..core.errors import IngestdError
+from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress, Event
 from .ingest import Outcome, load_day
 from .runtime import Runtime, SourceGone, event
 from .state import Backfill
@@ -54,7 +54,8 @@ async def submit(rt: Runtime, source: str | list[str], first: dt.date, last: dt.
                                        days=total, skipped=b.skipped)])
 
 
-async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, str, dt.date, str], None] | None = None) -> str:
+async def run(rt: Runtime, backfill_id: int,
+              on_progress: Callable[[int, int, str, dt.date, str], None] | None = None) -> str:
     """Run the pending days of a backfill, oldest first; returns its final status."""
     pending = await rt.state.backfill_days(backfill_id, "pending")
     limit = asyncio.Semaphore(rt.config.daemon.max_concurrent_loads)
@@ -69,7 +70,7 @@ async def run(rt: Runtime, backfill_id: int, on_progress: Callable[[int, int, st
             except SourceGone as exc:
                 outcome = Outcome("failed", reason=str(exc))
 
-            def progress(done: int, total: int):
+            def progress(done: int, total: int) -> list[Event]:
                 if on_progress:
                     on_progress(done, total, source, day, outcome.status)
                 rt.activity[f"backfill/{backfill_id}"] = f"backfill {done}/{total}"

@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import decimal
 import random
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import datetime as dt
 
 import pyarrow as pa
 
 from ..core import logs
-from ..core.contracts import ProbeResult, Target
+from ..core.config import DaemonSection
+from ..core.contracts import ProbeResult, Target, aclosing_stream
 from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, TransientError
 from ..core.events import CheckChanged, CheckHeld, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
-from ..core.config import DaemonSection
 from ..core.schema import RowMapper
 from .job import Job
 from .runtime import Runtime, event
-from .state import PartitionRow
 from .slices import fetch_slices
+from .state import PartitionRow
 
 log = logs.get("ingestd.ingest")
 T = TypeVar("T")
@@ -102,7 +101,7 @@ async def ready_answer(job: Job, day: dt.date) -> bool:
     query = job.day_query(day, job.config.ready_query)
 
     async def first_value() -> Any:
-        async with contextlib.aclosing(job.connector.fetch(query, 1, job.info)) as stream:
+        async with aclosing_stream(job.connector.fetch(query, 1, job.info)) as stream:
             async for batch in stream:
                 if batch.num_rows and batch.num_columns:
                     return batch.column(0)[0].as_py()
@@ -178,9 +177,10 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         source, day, trigger, generation, backfill_id,
         lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)],
         first_load=served == 0)
+    failed: dict[str, Any] = {}  # the counts of the last attempt, when it fails
     try:
         stats = await with_retry(
-            job.daemon, "load", lambda: _stream(job, day, generation, _Progress(rt, run_id)),
+            job.daemon, "load", lambda: _stream(job, day, generation, failed, _Progress(rt, run_id)),
             source=source, day=day.isoformat(), run_id=run_id, generation=generation)
     except (Exception, asyncio.CancelledError) as exc:  # every failure is recorded on the run, with its reason
         transient = isinstance(exc, (TransientError, asyncio.CancelledError))
@@ -190,7 +190,7 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         elif not isinstance(exc, (TransientError, PermanentError, RejectLimitExceeded)):
             log.error("load.error", source=source, day=day.isoformat(), run_id=run_id, exc_info=exc)
             reason = f"{type(exc).__name__}: {reason}"
-        stats = getattr(exc, "stats", None) or {}
+        stats = failed
         await rt.state.finish_run(
             run_id, status="failed", reason=reason, duration_ms=_ms(started),
             partition={"status": "failed", "error": reason, "checked_at": _now(), **marks},
@@ -262,7 +262,7 @@ class _Progress:
 
     def __init__(self, rt: Runtime, run_id: str):
         self.rt, self.run_id = rt, run_id
-        self.last = time.monotonic()
+        self.last = 0.0
 
     async def __call__(self, rows: int) -> None:
         if time.monotonic() - self.last >= self.EVERY_SECONDS:
@@ -277,10 +277,11 @@ def _ms(started: float) -> int:
 _DONE = object()
 
 
-async def _stream(job: Job, day: dt.date, generation: int,
-                  progress: Callable[[int], Awaitable[None]] | None = None) -> dict:
+async def _stream(job: Job, day: dt.date, generation: int, failed: dict[str, Any],
+                  progress: Callable[[int], Awaitable[None]] | None = None) -> dict[str, Any]:
     """One attempt: fetch, map and write overlapping; returns counts. Raises on any failure,
-    after which the sink still holds the previous generation."""
+    after which the sink still holds the previous generation and `failed` the attempt's counts."""
+    failed.clear()
     source, src, conn = job.source, job.config, job.connector
     query = job.day_query(day)
     mapper = RowMapper(src.kind, src.mapping, query.window, source=source, generation=generation,
@@ -289,15 +290,16 @@ async def _stream(job: Job, day: dt.date, generation: int,
     # mapping still running when the load is cancelled.
     loop = asyncio.get_running_loop()
     map_thread = ThreadPoolExecutor(1, thread_name_prefix="ingestd-map")
-    fetched_q: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
-    mapped_q: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
+    # Each queue carries batches, then _DONE or the exception that ended its stage.
+    fetched_q: asyncio.Queue[object] = asyncio.Queue(QUEUE_DEPTH)
+    mapped_q: asyncio.Queue[object] = asyncio.Queue(QUEUE_DEPTH)
     stats: dict[str, Any] = {"fetched": 0, "rejected": 0, "written": 0, "reasons": Counter(), "samples": []}
 
     async def fetch_stage() -> None:
         try:
             stream = (fetch_slices(job, day) if src.slices > 1
                       else conn.fetch(query, job.batch_rows, job.info))
-            async with contextlib.aclosing(stream) as stream:
+            async with aclosing_stream(stream) as stream:
                 async for batch in stream:
                     stats["fetched"] += batch.num_rows
                     await fetched_q.put(batch)
@@ -346,8 +348,8 @@ async def _stream(job: Job, day: dt.date, generation: int,
         target = Target(src.kind, source, day, generation)
         stats["written"] = await job.sink.replace(target, batches())
         await asyncio.gather(*tasks)
-    except BaseException as exc:
-        exc.stats = {**stats, "reasons": dict(stats["reasons"])}  # type: ignore[attr-defined]
+    except BaseException:
+        failed.update(stats, reasons=dict(stats["reasons"]))
         raise
     finally:
         for t in tasks:
@@ -378,8 +380,8 @@ async def recheck_day(rt: Runtime, job: Job, day: dt.date) -> str:
         if found.rows > 0:
             out = await load_partition(rt, job, day, "recheck", found=found)
             return "loaded" if out.status == "succeeded" else out.status
-        await rt.state.set_partition(source, day, checked_at=_now(),
-                                     **({} if part else {"status": "empty", "rows": 0, "source_rows": 0}))
+        first_seen: dict[str, Any] = {} if part else {"status": "empty", "rows": 0, "source_rows": 0}
+        await rt.state.set_partition(source, day, checked_at=_now(), **first_seen)
         return "empty"
     loaded = part.source_rows if part.source_rows is not None else (part.rows or 0)
     change_pct = abs(found.rows - loaded) * 100 / loaded if loaded else (100.0 if found.rows else 0.0)

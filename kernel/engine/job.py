@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import DaemonSection, SourceSection
-from ..core.contracts import Connector, SourceInfo, Sink
+from ..core.contracts import Connector, Sink, SourceInfo
 from ..core.query import DayQuery, DayWindow, day_queries, day_query
 
 

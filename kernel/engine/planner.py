@@ -81,21 +81,25 @@ async def run_recheck_window(rt: Runtime, source: str, now: dt.datetime) -> dict
     return done
 
 
-async def recheck_due(rt: Runtime, source: str, now: dt.datetime) -> bool:
+async def window_due(rt: Runtime, source: str, kind: str, now: dt.datetime) -> bool:
+    """Whether a `kind` ("load" or "recheck") window of `source` fell due since one last ran."""
     if source not in rt.config.sources:
         return False
-    windows = recheck_windows(rt.config, source)
+    windows = load_windows(rt.config, source) if kind == "load" else recheck_windows(rt.config, source)
     if windows is None:
         return False
     last = windows.last_at_or_before(now)
-    seen = await rt.state.window_seen(source, "recheck")
+    seen = await rt.state.window_seen(source, kind)
     return last is not None and (seen is None or last > seen)
 
 
-async def run_due(rt: Runtime, source: str, now: dt.datetime) -> dict[str, dict]:
-    """Everything due for a source at `now`: catch-up and the load window, then a re-check if
-    one fell due since the last one ran (`ingestd run --once`, and the daemon at start)."""
-    out = {"load": await run_load_window(rt, source, now)}
-    if await recheck_due(rt, source, now):
+async def run_due(rt: Runtime, source: str, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
+    """What fell due for a source since its windows last ran (`ingestd run --once`, and the daemon
+    at start and for sources a reload adds or changes): the load window with its catch-up of
+    missed days, then the re-check window. A window that ran already is not run again."""
+    out: dict[str, dict[dt.date, str]] = {}
+    if await window_due(rt, source, "load", now):
+        out["load"] = await run_load_window(rt, source, now)
+    if await window_due(rt, source, "recheck", now):
         out["recheck"] = await run_recheck_window(rt, source, now)
     return out

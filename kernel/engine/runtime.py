@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..core import logs
 from ..core.config import Config
@@ -56,11 +56,14 @@ class Dispatcher:
                     log.warning("listener_failed", error=repr(exc))
 
 
-class _Shared:
+R = TypeVar("R", bound=Connector | Sink)
+
+
+class _Shared(Generic[R]):
     """A connector or sink instance with the jobs that use it. Retired by a reload that removes or
     changes its table, it is closed when the last job using it ends."""
 
-    def __init__(self, resource: Connector | Sink):
+    def __init__(self, resource: R):
         self.resource = resource
         self.users = 0
         self.retired = False
@@ -73,15 +76,15 @@ class Runtime:
         self.dispatch = Dispatcher(plugins)
         self.state = StateStore(config.state_path(), outbox=config.bus.enabled if outbox is None else outbox,
                                 on_events=self.dispatch)
-        self._connectors: dict[str, _Shared] = {}
-        self._sinks: dict[str, _Shared] = {}
-        self._retired: list[_Shared] = []
+        self._connectors: dict[str, _Shared[Connector]] = {}
+        self._sinks: dict[str, _Shared[Sink]] = {}
+        self._retired: list[_Shared[Connector] | _Shared[Sink]] = []
         self.slots = asyncio.Semaphore(config.daemon.max_concurrent_loads)
         self._partition_locks: dict[tuple[str, dt.date], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.activity: dict[str, str] = {}
         self.stopping = asyncio.Event()
 
-    async def open(self) -> "Runtime":
+    async def open(self) -> Runtime:
         check_capabilities(self.config, self.plugins)
         logs.set_secrets(self.config.secrets())
         await self.state.open()
@@ -108,10 +111,10 @@ class Runtime:
         if name not in self._connectors:
             plugged = self.config.connections[name]
             self._connectors[name] = _Shared(self.plugins.registry.connectors[plugged.type](plugged.config, name=name))
-        return self._connectors[name].resource  # type: ignore[return-value]
+        return self._connectors[name].resource
 
     def sink(self, name: str) -> Sink:
-        return self._sinks[name].resource  # type: ignore[return-value]
+        return self._sinks[name].resource
 
     def sink_of(self, source: str) -> Sink:
         return self.sink(self.config.sink_of(source))
@@ -127,8 +130,8 @@ class Runtime:
         self.connector(src.connection)
         connection, sink = self._connectors[src.connection], self._sinks[config.sink_of(source)]
         plugged = config.connections[src.connection]
-        job = Job(source, src, src.connection, plugged.type, plugged.config, connection.resource,  # type: ignore[arg-type]
-                  config.sink_of(source), sink.resource, config.daemon, tuple(config.secrets()))  # type: ignore[arg-type]
+        job = Job(source, src, src.connection, plugged.type, plugged.config, connection.resource,
+                  config.sink_of(source), sink.resource, config.daemon, tuple(config.secrets()))
         connection.users += 1
         sink.users += 1
         try:
@@ -157,7 +160,7 @@ class Runtime:
             if name not in new.connections or new.connections[name] != old.connections.get(name):
                 self._retire(self._connectors.pop(name))
 
-    def _retire(self, shared: _Shared) -> None:
+    def _retire(self, shared: _Shared[Connector] | _Shared[Sink]) -> None:
         shared.retired = True
         self._retired.append(shared)
 

@@ -59,21 +59,25 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext, SpawnContext
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 
 from ..core import logs
-from ..core.contracts import SourceInfo
+from ..core.contracts import Connector, SourceInfo, aclosing_stream
 from ..core.errors import ConnectorError, PermanentError, TransientError
 from ..core.memory import use_system_memory_pool
 from ..core.query import DayQuery
 from .job import Job
 
 log = logs.get("ingestd.slices")
+_Context: TypeAlias = ForkServerContext | SpawnContext
+_Outgoing: TypeAlias = "bytes | pa.Buffer | None"  # a worker's messages to send_bytes; None ends its sender
 
 QUEUE_DEPTH = 2
 """Merged batches waiting for the map stage; each slice's reader holds one more at most."""
@@ -112,7 +116,8 @@ def tasks_for(job: Job, day: dt.date) -> list[SliceTask]:
             for i, q in enumerate(queries)]
 
 
-async def fetch_slices(job: Job, day: dt.date, *, preload: list[str] | None = None) -> AsyncIterator[pa.RecordBatch]:
+async def fetch_slices(job: Job, day: dt.date, *,
+                       preload: list[str] | None = None) -> AsyncGenerator[pa.RecordBatch, None]:
     """The day's rows of a sliced source, fetched by worker processes, merged as they arrive."""
     async with contextlib.aclosing(stream_slices(tasks_for(job, day), preload=preload)) as stream:
         async for batch in stream:
@@ -121,16 +126,17 @@ async def fetch_slices(job: Job, day: dt.date, *, preload: list[str] | None = No
 
 # -- the parent's side ---------------------------------------------------------------------------
 
-_context: Any = None
+_context: _Context | None = None
 _context_lock = threading.Lock()
 
 
-def _mp_context(preload: list[str]):
+def _mp_context(preload: list[str]) -> _Context:
     """forkserver (a clean single-threaded process forks the workers, with kernel and plugin
     modules already imported), else spawn. Never fork: this process has threads."""
     global _context
     with _context_lock:
         if _context is None:
+            ctx: _Context
             if "forkserver" in mp.get_all_start_methods():
                 ctx = mp.get_context("forkserver")
                 ctx.set_forkserver_preload(["ingestd.engine.slices", *preload])
@@ -147,7 +153,7 @@ _DONE = object()
 class _Worker:
     """One worker process and the reading end of its pipe."""
 
-    def __init__(self, ctx, task: SliceTask):
+    def __init__(self, ctx: _Context, task: SliceTask):
         self.task = task
         self.reader, writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=worker_main, args=(task, writer), daemon=True,
@@ -190,7 +196,7 @@ class _Worker:
                 self.process.terminate()
 
 
-def _start(ctx, tasks: list[SliceTask], into: list[_Worker]) -> None:
+def _start(ctx: _Context, tasks: list[SliceTask], into: list[_Worker]) -> None:
     for task in tasks:
         into.append(_Worker(ctx, task))
 
@@ -208,15 +214,16 @@ def _stop_all(workers: list[_Worker], grace: float) -> None:
 
 
 async def stream_slices(tasks: list[SliceTask], *, preload: list[str] | None = None,
-                        depth: int = QUEUE_DEPTH, grace: float = STOP_GRACE_SECONDS) -> AsyncIterator[pa.RecordBatch]:
+                        depth: int = QUEUE_DEPTH,
+                        grace: float = STOP_GRACE_SECONDS) -> AsyncGenerator[pa.RecordBatch, None]:
     """Run one worker per task and yield their batches as they arrive. Raises the first error a
     worker reports; closing the generator stops every worker still running."""
     loop = asyncio.get_running_loop()
     ctx = _mp_context(list(preload) if preload is not None else sorted({t.connector_class[0] for t in tasks}))
     workers: list[_Worker] = []
-    merged: asyncio.Queue = asyncio.Queue(max(1, depth))
+    merged: asyncio.Queue[object] = asyncio.Queue(max(1, depth))  # batches, _DONE per slice, or an error
     pool = ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="ingestd-slice-read")
-    readers: list[asyncio.Task] = []
+    readers: list[asyncio.Task[None]] = []
     started = time.monotonic()
 
     async def read(w: _Worker) -> None:
@@ -288,7 +295,7 @@ def _control(*message: Any) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _describe(exc: BaseException) -> tuple:
+def _describe(exc: BaseException) -> tuple[str, Any, Any]:
     if isinstance(exc, ConnectorError):
         kind = "transient" if isinstance(exc, TransientError) else "permanent"
         text = str(exc)
@@ -302,7 +309,7 @@ def _describe(exc: BaseException) -> tuple:
     return ("other", blob, f"{type(exc).__name__}: {exc}")
 
 
-def _connector_class(task: SliceTask) -> type:
+def _connector_class(task: SliceTask) -> type[Connector]:
     from ..plugin.manager import load_plugins
     cls = load_plugins().registry.connectors.get(task.connector_type)
     if cls is not None and (cls.__module__, cls.__qualname__) == task.connector_class:
@@ -312,7 +319,8 @@ def _connector_class(task: SliceTask) -> type:
         found: Any = importlib.import_module(module)
         for part in qualname.split("."):
             found = getattr(found, part)
-        return found
+        connector: type[Connector] = found  # what tasks_for named: the class of a connector
+        return connector
     except (ImportError, AttributeError) as exc:
         if cls is not None:
             return cls
@@ -332,7 +340,7 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="ingestd-slice-parent", daemon=True).start()
 
 
-def worker_main(task: SliceTask, conn) -> None:
+def worker_main(task: SliceTask, conn: Connection) -> None:
     """A worker process: fetch one slice and send it; exits without waiting for stray threads."""
     code = 0
     try:
@@ -355,7 +363,7 @@ def worker_main(task: SliceTask, conn) -> None:
         os._exit(code)
 
 
-async def _pump(task: SliceTask, conn) -> int:
+async def _pump(task: SliceTask, conn: Connection) -> int:
     """Fetch and send; returns the exit code. One thread sends, one item at a time, so messages
     never interleave on the pipe; the fetch goes on meanwhile (SEND_AHEAD items ahead)."""
     loop = asyncio.get_running_loop()
@@ -363,7 +371,7 @@ async def _pump(task: SliceTask, conn) -> int:
     assert me is not None
     loop.add_signal_handler(signal.SIGTERM, me.cancel)
     sender = ThreadPoolExecutor(1, thread_name_prefix="ingestd-slice-send")
-    outbox: asyncio.Queue = asyncio.Queue(SEND_AHEAD)
+    outbox: asyncio.Queue[_Outgoing] = asyncio.Queue(SEND_AHEAD)
     rows = 0
 
     async def send() -> None:
@@ -375,7 +383,7 @@ async def _pump(task: SliceTask, conn) -> int:
     try:
         connector = _connector_class(task)(task.config, name=task.connection)
         schema = None
-        async with contextlib.aclosing(connector.fetch(task.query, task.batch_rows, task.source)) as stream:
+        async with aclosing_stream(connector.fetch(task.query, task.batch_rows, task.source)) as stream:
             async for batch in stream:
                 if schema is None or not batch.schema.equals(schema):
                     schema = batch.schema
@@ -404,7 +412,7 @@ async def _pump(task: SliceTask, conn) -> int:
                 await connector.close()
 
 
-async def _put(outbox: asyncio.Queue, sending: asyncio.Task, item: Any) -> None:
+async def _put(outbox: asyncio.Queue[_Outgoing], sending: asyncio.Task[None], item: _Outgoing) -> None:
     """Queue an item for the sender, or raise what stopped it (the parent closed the pipe)."""
     put = asyncio.ensure_future(outbox.put(item))
     done, _ = await asyncio.wait({put, sending}, return_when=asyncio.FIRST_COMPLETED)

@@ -8,6 +8,7 @@ beside the database, so two daemons (or a daemon and `ingestd load`) never write
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import fcntl
@@ -178,11 +179,9 @@ class StateStore:
         self.writer = writer
         self._db: aiosqlite.Connection | None = None
         self._lock = StateLock(self.path) if writer else None
-        self._tx_lock = None
+        self._tx_lock: asyncio.Lock | None = None
 
-    async def open(self) -> "StateStore":
-        import asyncio
-
+    async def open(self) -> StateStore:
         self._tx_lock = asyncio.Lock()
         if not self.writer and not self.path.exists():
             raise StateError(f"no state database at {self.path} (has the daemon run yet?)")
@@ -193,14 +192,14 @@ class StateStore:
             self._db = await aiosqlite.connect(self.path, timeout=5.0)
             self._db.row_factory = sqlite3.Row
             await self._db.execute("PRAGMA busy_timeout = 5000")
-            check = await (await self._db.execute("PRAGMA quick_check")).fetchone()
+            check = _one(await (await self._db.execute("PRAGMA quick_check")).fetchone(), "quick_check")
             if check[0] != "ok":
                 raise StateError(f"state database {self.path} is corrupt ({check[0]}); it was not reset: "
                                  f"restore it from a backup or move it away to start afresh")
             if self.writer:
                 await self._db.execute("PRAGMA journal_mode = WAL")
                 await self._db.execute("PRAGMA synchronous = NORMAL")
-                version = (await (await self._db.execute("PRAGMA user_version")).fetchone())[0]
+                version = _one(await (await self._db.execute("PRAGMA user_version")).fetchone(), "user_version")[0]
                 if version > SCHEMA_VERSION:
                     raise StateError(f"state database {self.path} has schema version {version}, newer than "
                                      f"this ingestd's {SCHEMA_VERSION}")
@@ -228,7 +227,7 @@ class StateStore:
             self._lock.release()
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator["Tx"]:
+    async def transaction(self) -> AsyncIterator[Tx]:
         assert self._db is not None and self._tx_lock is not None
         async with self._tx_lock:
             tx = Tx(self._db, self.outbox_enabled)
@@ -258,7 +257,8 @@ class StateStore:
         rows = await self._all("SELECT * FROM partitions WHERE source = ? AND day = ?", (source, day.isoformat()))
         return _partition(rows[0]) if rows else None
 
-    async def partitions(self, source: str, first: dt.date | None = None, last: dt.date | None = None) -> list[PartitionRow]:
+    async def partitions(self, source: str, first: dt.date | None = None,
+                         last: dt.date | None = None) -> list[PartitionRow]:
         rows = await self._all(
             "SELECT * FROM partitions WHERE source = ? AND day >= ? AND day <= ? ORDER BY day",
             (source, (first or dt.date.min).isoformat(), (last or dt.date.max).isoformat()))
@@ -280,14 +280,16 @@ class StateStore:
 
     async def finish_run(self, run_id: str, *, status: str, reason: str | None = None,
                          rows_fetched: int | None = None, rows_written: int | None = None,
-                         rows_rejected: int | None = None, rejects: dict | None = None,
-                         samples: list[dict] | None = None, fingerprint: str | None = None,
-                         duration_ms: int | None = None, partition: dict | None = None,
+                         rows_rejected: int | None = None, rejects: dict[str, int] | None = None,
+                         samples: list[dict[str, Any]] | None = None, fingerprint: str | None = None,
+                         duration_ms: int | None = None, partition: dict[str, Any] | None = None,
                          events: Iterable[Event] = ()) -> None:
         """Close a run and, in the same transaction, update its partition and write its events."""
         finished = iso(now_utc())
         async with self.transaction() as tx:
             row = await (await tx.db.execute("SELECT source, day FROM runs WHERE run_id = ?", (run_id,))).fetchone()
+            if row is None:
+                raise StateError(f"no run {run_id} in the state database")
             await tx.db.execute(
                 "UPDATE runs SET status = ?, reason = ?, rows_fetched = ?, rows_written = ?, rows_rejected = ?,"
                 " rejects = ?, fingerprint = ?, finished_at = ?, duration_ms = ? WHERE run_id = ?",
@@ -393,7 +395,7 @@ class StateStore:
                 "INSERT INTO backfill_days (backfill_id, source, day, status) VALUES (?, ?, ?, 'pending')",
                 [(backfill_id, s, d.isoformat()) for s, d in kept])
             found = await (await tx.db.execute("SELECT * FROM backfills WHERE id = ?", (backfill_id,))).fetchone()
-            backfill = _backfill(found)
+            backfill = _backfill(_one(found, f"backfill {backfill_id}"))
             for e in events(backfill, len(kept)):
                 tx.emit(e)
         return backfill, True
@@ -429,9 +431,9 @@ class StateStore:
         async with self.transaction() as tx:
             await tx.db.execute("UPDATE backfill_days SET status = ?, run_id = ? WHERE backfill_id = ? AND source = ?"
                                 " AND day = ?", (status, run_id, backfill_id, source, day.isoformat()))
-            done, total = await (await tx.db.execute(
+            done, total = _one(await (await tx.db.execute(
                 "SELECT SUM(status != 'pending'), COUNT(*) FROM backfill_days WHERE backfill_id = ?",
-                (backfill_id,))).fetchone()
+                (backfill_id,))).fetchone(), "an aggregate")
             for e in events(done, total):
                 tx.emit(e)
 
@@ -447,7 +449,7 @@ class StateStore:
 
     # -- outbox --------------------------------------------------------------------------------
 
-    async def outbox_batch(self, limit: int = 100) -> list[tuple[int, str, str | None, dict]]:
+    async def outbox_batch(self, limit: int = 100) -> list[tuple[int, str, str | None, dict[str, Any]]]:
         rows = await self._all("SELECT seq, type, source, payload FROM outbox ORDER BY seq LIMIT ?", (limit,))
         return [(r["seq"], r["type"], r["source"], json.loads(r["payload"])) for r in rows]
 
@@ -486,6 +488,13 @@ class Tx:
         await self.db.execute(
             f"INSERT INTO partitions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
             f" ON CONFLICT (source, day) DO UPDATE SET {updates}", values)
+
+
+def _one(row: sqlite3.Row | None, what: str) -> sqlite3.Row:
+    """A row SQLite always returns (a PRAGMA's, an aggregate's, one just inserted)."""
+    if row is None:
+        raise StateError(f"state database returned no row for {what}")
+    return row
 
 
 def _partition(r: sqlite3.Row) -> PartitionRow:

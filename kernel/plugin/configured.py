@@ -12,7 +12,7 @@ from ..core.errors import ConfigError, ConfigErrors
 from .manager import load_plugins
 
 
-def configured_sink(config_file: str | os.PathLike, name: str | None = None) -> Sink:
+def configured_sink(config_file: str | os.PathLike[str], name: str | None = None) -> Sink:
     """A new, unopened instance of the sink `[sinks.NAME]` of `config_file` (the first sink when
     `name` is None, which is the one a source without `sink` uses), of the type a loaded plugin
     provides, with its table validated by that plugin's config model; relative paths are taken

@@ -8,13 +8,14 @@ import os
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
-from . import API_VERSION, PROJECT
-from . import spec as hookspecs
 from ..core.contracts import Registry
 from ..core.errors import PluginError
+from . import API_VERSION, PROJECT
+from . import spec as hookspecs
 
 GROUP = PROJECT
 
@@ -30,7 +31,7 @@ class PluginInfo:
     sinks: list[str] = field(default_factory=list)
     error: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.target, "distribution": self.distribution,
                 "version": self.version, "api": list(self.api) if self.api else None,
                 "connectors": self.connectors, "sinks": self.sinks, "error": self.error}

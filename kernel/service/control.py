@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, overload
 from zoneinfo import ZoneInfo
 
 from ..core.errors import IngestdError
@@ -82,7 +82,16 @@ class Control:
 
     # -- loads ---------------------------------------------------------------------------------------
 
-    async def load(self, source: str, day: dt.date, *, command: str = "load", wait: bool = False) -> LoadTicket | Outcome:
+    @overload
+    async def load(self, source: str, day: dt.date, *, command: str = ...,
+                   wait: Literal[False] = ...) -> LoadTicket: ...
+    @overload
+    async def load(self, source: str, day: dt.date, *, command: str = ..., wait: Literal[True]) -> Outcome: ...
+    @overload
+    async def load(self, source: str, day: dt.date, *, command: str = ..., wait: bool) -> LoadTicket | Outcome: ...
+
+    async def load(self, source: str, day: dt.date, *, command: str = "load",
+                   wait: bool = False) -> LoadTicket | Outcome:
         """Load (or reload) one day now. `command` "ready" records the user's word that the day is
         complete: it loads even when the source's ready_query says no, and load windows leave the
         day alone from then on (re-checks still reload it when it changes). A day in the future,

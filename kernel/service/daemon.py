@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import heapq
 import signal
 from collections.abc import Callable, Coroutine, Sequence
@@ -71,7 +72,7 @@ class Daemon:
             await self.control.resume_backfills()
             for name, src in self.config.sources.items():
                 if src.enabled:
-                    self._start_window(name, "due", lambda n=name: run_due(self.rt, n, dt.datetime.now(dt.UTC)))
+                    self._start_window(name, "due", functools.partial(self._run_due, name))
             await self.rt.state.emit([event(DaemonStarted, None, None, None, sources=sorted(self.config.sources))])
             self.notifier.ready(self.status_line())
             self.tasks.spawn(self._heartbeat(), SERVICE + "heartbeat")
@@ -98,6 +99,10 @@ class Daemon:
         await self.rt.close()
         self.notifier.close()
         log.info("daemon.stopped")
+
+    async def _run_due(self, source: str) -> dict[str, dict[dt.date, str]]:
+        """Everything due for a source, as of when its window task starts."""
+        return await run_due(self.rt, source, dt.datetime.now(dt.UTC))
 
     def _start_window(self, source: str, kind: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         if source in self._windows_running:
@@ -136,7 +141,7 @@ class Daemon:
                 if name not in self.config.sources:
                     continue
                 fn = run_load_window if kind == "load" else run_recheck_window
-                self._start_window(name, kind, lambda n=name, f=fn, a=at: f(rt, n, a))
+                self._start_window(name, kind, functools.partial(fn, rt, name, at))
                 windows = load_windows(self.config, name) if kind == "load" else recheck_windows(self.config, name)
                 if windows is not None:
                     heapq.heappush(heap, (windows.next_after(now), name, kind))
@@ -190,7 +195,7 @@ class Daemon:
         self._schedule(dt.datetime.now(dt.UTC))
         for name in added + changed:
             if new.sources[name].enabled:
-                self._start_window(name, "due", lambda n=name: run_due(self.rt, n, dt.datetime.now(dt.UTC)))
+                self._start_window(name, "due", functools.partial(self._run_due, name))
         self.wake.set()
         log.info("config.reloaded", added=added, removed=removed, changed=changed, sinks=sorted(opened))
         self.notifier.ready(self.status_line())

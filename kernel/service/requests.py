@@ -37,14 +37,14 @@ SPECS: dict[str, dict[str, Field]] = {
     "status": {"source": Field(str)},
     "cancel": {"backfill_id": Field(int, True)},
 }
-TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
+TYPE_WORDS: dict[type | tuple[type, ...], str] = {str: "a string", int: "an integer", bool: "true or false"}
 
 
-def answer(status: str, *, data: Any = None, error: str | None = None, transaction: Any = None) -> dict:
+def answer(status: str, *, data: Any = None, error: str | None = None, transaction: Any = None) -> dict[str, Any]:
     return {"status": status, "data": data, "error": error, "transaction": transaction}
 
 
-def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict, Any]:
+def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict[str, Any], Any]:
     """Decode and check a request; returns (fields, transaction) or raises BadRequest."""
     if len(payload) > max_bytes:
         raise BadRequest(f"payload of {len(payload)} bytes is larger than {max_bytes}")
@@ -72,7 +72,7 @@ def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict, Any]:
     return body, transaction
 
 
-def _day(body: dict, key: str) -> dt.date:
+def _day(body: dict[str, Any], key: str) -> dt.date:
     try:
         return dt.date.fromisoformat(body[key])
     except ValueError:
@@ -99,8 +99,8 @@ async def _run(control: Control, command: str, body: dict[str, Any]) -> Any:
         return ticket.as_dict()
     if command in ("ready", "reload"):
         source, day = control.source(body["source"]), _day(body, "day")
-        ticket = await control.load(source, day, command="ready" if command == "ready" else "load")
-        return ticket.as_dict()
+        accepted = await control.load(source, day, command="ready" if command == "ready" else "load")
+        return accepted.as_dict()
     if command == "status":
         return await control.status(body.get("source"))
     if command == "cancel":

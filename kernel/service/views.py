@@ -32,8 +32,8 @@ def day_view(day: dt.date, part: PartitionRow | None, run: RunRow | None) -> dic
         state = "loading"
     elif status in ("held", "failed", "emptied", "empty"):
         state = status
-    elif serving:
-        state = "reloaded" if serving["generation"] > 1 else "loaded"
+    elif part and part.generation > 0:
+        state = "reloaded" if part.generation > 1 else "loaded"
     else:
         state = "missing"
     return {

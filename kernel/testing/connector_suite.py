@@ -35,24 +35,42 @@ pytest-asyncio's strict mode too (the author's async fixtures then need
 from __future__ import annotations
 
 import datetime as dt
-from typing import ClassVar, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import pyarrow as pa
 import pytest
 
-from ingestd import (Connector, ConnectorError, DayQuery, DayWindow, PermanentError, ProbeResult, TransientError,
-                     day_query)
+from ingestd import (
+    Connector,
+    ConnectorError,
+    DayQuery,
+    DayWindow,
+    PermanentError,
+    ProbeResult,
+    TransientError,
+    day_query,
+)
 
 DAY = dt.date(2026, 3, 10)
 
 
 def kit_day_query(connector: Connector, sql: str, day: dt.date = DAY, timezone: str = "UTC", *,
-                  filter_column: str | None = None, filter_kind: str = "timestamp") -> DayQuery:
+                  filter_column: str | None = None,
+                  filter_kind: Literal["timestamp", "date"] = "timestamp") -> DayQuery:
     """`sql` bound to `day` exactly as the kernel binds a source query for this connector: its
     `{day}`, `{start}`, `{end}` become the connector's parameter markers (a query without them is
     wrapped and filtered on `filter_column`). For a plugin's own tests."""
     return day_query(sql, DayWindow.of(day, timezone), connector.capabilities, filter_column=filter_column,
-                     filter_kind=filter_kind)  # type: ignore[arg-type]
+                     filter_kind=filter_kind)
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A stream with `aclose()`, as an async generator has: how the kernel stops a fetch or scan
+    it abandons, so the kit requires it of both."""
+
+    def aclose(self) -> Awaitable[object]: ...
 
 
 @runtime_checkable
@@ -103,7 +121,7 @@ def hostile_values(names: tuple[str, ...], table: str) -> list[dict[str, str]]:
     makes a lenient warehouse that parses only a prefix read nothing either: far future for
     `day` and `start`, far past for `end`."""
     dates = {"day": "2999-01-01", "start": "2999-01-01", "end": "1999-01-01"}
-    out = []
+    out: list[dict[str, str]] = []
     for text in HOSTILE:
         one = {n: text.format(date=dates[n], table=table) for n in names}
         out += [{n: v} for n, v in one.items()] + [one]
@@ -117,7 +135,7 @@ class ConnectorSuite:
     batch_rows: ClassVar[int] = 100
 
     @pytest.fixture
-    def broken_connector(self):
+    def broken_connector(self) -> Connector | None:
         """Override with a connector whose warehouse cannot be reached or refuses it (a closed
         port, bad credentials, a missing file or folder); without it that test is skipped."""
         return None
@@ -147,12 +165,13 @@ class ConnectorSuite:
     # -- the tests -----------------------------------------------------------------------------
 
     @pytest.mark.asyncio
-    async def test_check_succeeds(self, connector, kit_table):
+    async def test_check_succeeds(self, connector: Connector, kit_table: KitTable) -> None:
         await connector.check()
         await connector.check(self.day_query(connector, kit_table))
 
     @pytest.mark.asyncio
-    async def test_probe_count_equals_rows_fetched_in_a_half_open_day(self, connector, kit_table):
+    async def test_probe_count_equals_rows_fetched_in_a_half_open_day(
+            self, connector: Connector, kit_table: KitTable) -> None:
         n = await self.fill(kit_table)
         query = self.day_query(connector, kit_table)
         probed = await connector.probe(query)
@@ -162,14 +181,15 @@ class ConnectorSuite:
         assert sum(b.num_rows for b in batches) == n
         names = [c.lower() for c in batches[0].schema.names]
         assert names == ["ts", "user_id", "event", "value"]
-        users = set()
+        users: set[str] = set()
         for b in batches:
             column = b.column(names.index("user_id")).to_pylist()
             users.update(column)
         assert users == {u for _, u, _, _ in day_rows(DAY, n)}, "fetch returned rows outside the day or lost some"
 
     @pytest.mark.asyncio
-    async def test_batches_are_record_batches_of_at_most_batch_rows(self, connector, kit_table):
+    async def test_batches_are_record_batches_of_at_most_batch_rows(
+            self, connector: Connector, kit_table: KitTable) -> None:
         await self.fill(kit_table)
         batches = await self.fetch_all(connector, self.day_query(connector, kit_table))
         assert len(batches) >= 3
@@ -178,14 +198,16 @@ class ConnectorSuite:
             assert 0 < b.num_rows <= self.batch_rows
 
     @pytest.mark.asyncio
-    async def test_an_empty_day_probes_zero_and_fetches_no_batch(self, connector, kit_table):
+    async def test_an_empty_day_probes_zero_and_fetches_no_batch(
+            self, connector: Connector, kit_table: KitTable) -> None:
         await kit_table.insert(neighbour_rows(DAY))
         query = self.day_query(connector, kit_table)
         assert (await connector.probe(query)).rows == 0
         assert await self.fetch_all(connector, query) == []
 
     @pytest.mark.asyncio
-    async def test_day_values_carrying_sql_cannot_change_the_query(self, connector, kit_table):
+    async def test_day_values_carrying_sql_cannot_change_the_query(
+            self, connector: Connector, kit_table: KitTable) -> None:
         n = await self.fill(kit_table)
         before = await self.counts(connector, kit_table)
         assert before[1] == n
@@ -205,7 +227,8 @@ class ConnectorSuite:
         assert await self.counts(connector, kit_table) == before, "a day value changed the table"
 
     @pytest.mark.asyncio
-    async def test_fingerprint_is_stable_and_sees_a_changed_value_at_equal_count(self, connector, kit_table):
+    async def test_fingerprint_is_stable_and_sees_a_changed_value_at_equal_count(
+            self, connector: Connector, kit_table: KitTable) -> None:
         if not connector.capabilities.fingerprint:
             pytest.skip("the connector declares no fingerprint capability")
         await self.fill(kit_table)
@@ -221,12 +244,12 @@ class ConnectorSuite:
         assert changed.fingerprint != first.fingerprint, "a changed value at equal count must change the fingerprint"
 
     @pytest.mark.asyncio
-    async def test_bad_sql_is_a_permanent_error(self, connector, kit_table):
+    async def test_bad_sql_is_a_permanent_error(self, connector: Connector, kit_table: KitTable) -> None:
         await self.fill(kit_table)
         caps = connector.capabilities
         window = DayWindow.of(DAY)
         bad = [
-            f"SELECT ts FROM ingestd_kit_no_such_table WHERE ts >= {{start}} AND ts < {{end}}",
+            "SELECT ts FROM ingestd_kit_no_such_table WHERE ts >= {start} AND ts < {end}",
             f"SELECT no_such_column FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
             f"SELEC ts FROM {kit_table.name} WHERE ts >= {{start}} AND ts < {{end}}",
         ]
@@ -240,14 +263,16 @@ class ConnectorSuite:
                 await self.fetch_all(connector, query)
 
     @pytest.mark.asyncio
-    async def test_an_unreachable_warehouse_raises_the_kernels_error_classes(self, broken_connector):
+    async def test_an_unreachable_warehouse_raises_the_kernels_error_classes(
+            self, broken_connector: Connector | None) -> None:
         if broken_connector is None:
             pytest.skip("no `broken_connector` fixture: provide one whose warehouse cannot be used")
         caps = broken_connector.capabilities
         query = day_query("SELECT 1 AS x WHERE {day} IS NOT NULL", DayWindow.of(DAY), caps)
-        calls = [("check()", broken_connector.check), ("check(query)", lambda: broken_connector.check(query)),
-                 ("probe", lambda: broken_connector.probe(query)),
-                 ("fetch", lambda: self.fetch_all(broken_connector, query))]
+        calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("check()", broken_connector.check), ("check(query)", lambda: broken_connector.check(query)),
+            ("probe", lambda: broken_connector.probe(query)),
+            ("fetch", lambda: self.fetch_all(broken_connector, query))]
         for what, call in calls:
             try:
                 await call()
@@ -259,10 +284,13 @@ class ConnectorSuite:
             pytest.fail(f"{what} succeeded on a warehouse that cannot be used")
 
     @pytest.mark.asyncio
-    async def test_an_abandoned_fetch_does_not_break_the_next_probe(self, connector, kit_table):
+    async def test_an_abandoned_fetch_does_not_break_the_next_probe(
+            self, connector: Connector, kit_table: KitTable) -> None:
         n = await self.fill(kit_table)
         query = self.day_query(connector, kit_table)
         stream = connector.fetch(query, self.batch_rows)
+        assert isinstance(stream, Closable), \
+            f"fetch returned a {type(stream).__name__}, which has no aclose() to stop it with"
         async for batch in stream:
             assert batch.num_rows > 0
             break

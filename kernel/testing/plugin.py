@@ -86,6 +86,7 @@ import pytest
 
 from ingestd import API_VERSION, SCHEMAS, Kind, PartitionInfo, Sink, configured_sink
 from ingestd.testing import ConnectorSuite, KitTable, SinkSuite
+from ingestd.testing.connector_suite import Closable
 
 __all__ = ["ConnectorSuite", "DaemonHarness", "KitTable", "SinkSuite"]
 
@@ -171,7 +172,7 @@ class DaemonHarness:
         return env
 
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300,
-            check: bool = False) -> subprocess.CompletedProcess:
+            check: bool = False) -> subprocess.CompletedProcess[str]:
         """`ingestd -c daemon.toml ARGS...`, output captured as text."""
         cmd = [*self.command(), "-c", str(self.config), *args]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=self.folder, timeout=timeout,
@@ -186,7 +187,8 @@ class DaemonHarness:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=self.env(**(env or {})))
         if done.returncode != 0:
             raise AssertionError(f"ingestd plugins exited {done.returncode}\n{done.stderr}")
-        return json.loads(done.stdout)
+        infos: list[dict[str, Any]] = json.loads(done.stdout)
+        return infos
 
     def plugin(self, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         """One plugin's entry of `plugins()`, by plugin name or by a type it provides."""
@@ -218,7 +220,9 @@ class DaemonHarness:
         _check_kind(kind)
 
         async def collect(sink: Sink) -> pa.Table:
-            async with contextlib.aclosing(sink.scan(kind, source, day)) as stream:
+            stream = sink.scan(kind, source, day)
+            assert isinstance(stream, Closable), f"the sink's scan returned a {type(stream).__name__}, without aclose()"
+            async with contextlib.aclosing(stream):
                 return pa.Table.from_batches([batch async for batch in stream], SCHEMAS[kind])
 
         return self._with_sink(collect)

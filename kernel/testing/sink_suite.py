@@ -44,17 +44,21 @@ import datetime as dt
 import inspect
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from ingestd import SCHEMAS, Kind, PartitionInfo, Sink, Target
 
+from .connector_suite import Closable
+
 KINDS: tuple[Kind, ...] = ("events", "metrics")
 DAY = dt.date(2026, 11, 20)
 WAIT_S = 30.0
+NOT_CLOSABLE = "scan returned a {}, which has no aclose(): write scan as an `async def` with `yield`"
 
 
 class KitFailure(Exception):
@@ -86,9 +90,9 @@ def kit_batch(kind: Kind, source: str, day: dt.date, generation: int, rows: int,
         data = {
             **common,
             "metric_name": ["kit_metric" if i % 2 else "kit_ratio" for i in idx],
-            "numerator": [float(i) if r else None for i, r in zip(idx, ratio)],
-            "denominator": [float(i % 7 + 1) if r else None for i, r in zip(idx, ratio)],
-            "metric_value": [float(i) / (i % 7 + 1) if r else float(i) * 0.5 for i, r in zip(idx, ratio)],
+            "numerator": [float(i) if r else None for i, r in zip(idx, ratio, strict=True)],
+            "denominator": [float(i % 7 + 1) if r else None for i, r in zip(idx, ratio, strict=True)],
+            "metric_value": [float(i) / (i % 7 + 1) if r else float(i) * 0.5 for i, r in zip(idx, ratio, strict=True)],
         }
     return pa.RecordBatch.from_arrays([pa.array(data[f.name], f.type) for f in schema], schema=schema)
 
@@ -125,17 +129,21 @@ async def feed(batches: Sequence[pa.RecordBatch], *, fail_after: int | None = No
         raise KitFailure(f"kit: the source failed after {len(batches)} batches")
 
 
-def rows_of(batches: Sequence[pa.RecordBatch] | pa.Table) -> list[dict]:
+def rows_of(batches: Sequence[pa.RecordBatch] | pa.Table) -> list[dict[str, Any]]:
     """The rows of `batches` as dicts, in `unit_id` order (the kit's unit ids are unique per write)."""
     table = batches if isinstance(batches, pa.Table) else pa.Table.from_batches(list(batches))
     return table.sort_by("unit_id").to_pylist() if table.num_rows else []
 
 
-def assert_same_rows(got: list[dict], want: list[dict], what: str) -> None:
+def assert_same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]], what: str) -> None:
     """`got == want`, reported as the row count or the first row that differs (not a 1000-row diff)."""
     assert len(got) == len(want), f"{what}: {len(got)} rows, expected {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"{what}: row {i} (by unit_id) is\n  {g}\nexpected\n  {w}"
+
+
+ReopenSink = Callable[[], Sink | Awaitable[Sink]]
+"""The `reopen_sink` fixture's value: returns a new opened sink on the same storage."""
 
 
 def _source(tag: str = "") -> str:
@@ -170,7 +178,7 @@ class SinkSuite:
     """The `batch_rows` the kit passes to `scan` (not a divisor of `rows`, on purpose)."""
 
     @pytest.fixture
-    def reopen_sink(self):
+    def reopen_sink(self) -> ReopenSink | None:
         """Override with a callable returning a new opened sink on the same storage."""
         return None
 
@@ -180,16 +188,18 @@ class SinkSuite:
         return kit_batches(kind, source, day, generation, rows, batch_rows=self.batch_rows, start=start)
 
     async def write(self, sink: Sink, kind: Kind, source: str, generation: int, rows: int | None = None, *,
-                    day: dt.date = DAY, start: int = 0, **feed_args) -> int:
+                    day: dt.date = DAY, start: int = 0, **feed_args: Any) -> int:
         batches = self.batches(kind, source, generation, rows, day=day, start=start)
         return await sink.replace(Target(kind, source, day, generation), feed(batches, **feed_args))
 
-    async def scanned(self, sink: Sink, kind: Kind, source: str, day: dt.date = DAY) -> list[dict]:
+    async def scanned(self, sink: Sink, kind: Kind, source: str, day: dt.date = DAY) -> list[dict[str, Any]]:
         """Every row `scan` yields, checked batch by batch (a RecordBatch, exactly the canonical
         schema, at most `scan_batch_rows` rows), as `rows_of` gives them."""
         schema = SCHEMAS[kind]
         got: list[pa.RecordBatch] = []
-        async with contextlib.aclosing(sink.scan(kind, source, day, batch_rows=self.scan_batch_rows)) as stream:
+        stream = sink.scan(kind, source, day, batch_rows=self.scan_batch_rows)
+        assert isinstance(stream, Closable), NOT_CLOSABLE.format(type(stream).__name__)
+        async with contextlib.aclosing(stream):
             async for batch in stream:
                 assert isinstance(batch, pa.RecordBatch), f"scan yielded {type(batch).__name__}, not a RecordBatch"
                 assert batch.schema.equals(schema), f"scan's batch schema is\n{batch.schema}\nexpected\n{schema}"
@@ -206,7 +216,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_replace_returns_rows_written_and_read_generation_counts_them(self, sink, kind):
+    async def test_replace_returns_rows_written_and_read_generation_counts_them(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         batches = kit_batches(kind, source, DAY, 1, self.rows, batch_rows=self.batch_rows)
         batches.insert(1, kit_batch(kind, source, DAY, 1, 0))
@@ -216,7 +226,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_replacing_again_leaves_one_copy_of_the_new_generation(self, sink, kind):
+    async def test_replacing_again_leaves_one_copy_of_the_new_generation(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         await self.write(sink, kind, source, 1)
         assert await self.write(sink, kind, source, 2, self.rows + 7, start=10_000) == self.rows + 7
@@ -226,7 +236,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_a_failure_mid_way_keeps_the_previous_generation_whole(self, sink, kind):
+    async def test_a_failure_mid_way_keeps_the_previous_generation_whole(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         await self.write(sink, kind, source, 1)
         await self.fail(sink, kind, source, 2)
@@ -234,14 +244,14 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_a_failed_first_load_leaves_nothing_visible(self, sink, kind):
+    async def test_a_failed_first_load_leaves_nothing_visible(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         await self.fail(sink, kind, source, 1)
         assert await sink.read_generation(kind, source, DAY) is None
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_a_retry_with_the_same_generation_writes_exactly_its_rows(self, sink, kind):
+    async def test_a_retry_with_the_same_generation_writes_exactly_its_rows(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         await self.write(sink, kind, source, 1)
         await self.fail(sink, kind, source, 2)
@@ -250,7 +260,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_reads_during_a_replace_see_the_previous_generation(self, sink, kind):
+    async def test_reads_during_a_replace_see_the_previous_generation(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         await self.write(sink, kind, source, 1)
         gate = Gate(at=self.fail_after_batches)
@@ -260,7 +270,8 @@ class SinkSuite:
             seen = await asyncio.wait_for(sink.read_generation(kind, source, DAY), WAIT_S)
             assert seen == PartitionInfo(1, self.rows), "a read during a replace must see the previous generation"
             scanned = await asyncio.wait_for(self.scanned(sink, kind, source), WAIT_S)
-            assert {row["generation"] for row in scanned} == {1}, "a scan during a replace must see the previous generation"
+            assert {row["generation"] for row in scanned} == {1}, \
+                "a scan during a replace must see the previous generation"
             assert len(scanned) == self.rows
         finally:
             gate.go.set()
@@ -270,7 +281,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_other_partitions_are_untouched(self, sink, kind):
+    async def test_other_partitions_are_untouched(self, sink: Sink, kind: Kind) -> None:
         source, neighbour = _source("a"), _source("b")
         other_day = DAY - dt.timedelta(days=1)
         await self.write(sink, kind, source, 1)
@@ -288,7 +299,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_concurrent_replaces_of_different_partitions(self, sink, kind):
+    async def test_concurrent_replaces_of_different_partitions(self, sink: Sink, kind: Kind) -> None:
         source, neighbour = _source("a"), _source("b")
         other_day = DAY - dt.timedelta(days=1)
         await self.write(sink, kind, source, 1)
@@ -298,7 +309,7 @@ class SinkSuite:
             self.write(sink, kind, neighbour, 1, self.rows + 3),
             self.fail(sink, _other(kind), source, 1),
         ), WAIT_S * 4)
-        assert results[:3] == [self.rows + 1, self.rows + 2, self.rows + 3]
+        assert list(results[:3]) == [self.rows + 1, self.rows + 2, self.rows + 3]
         assert await sink.read_generation(kind, source, DAY) == PartitionInfo(2, self.rows + 1)
         assert await sink.read_generation(kind, source, other_day) == PartitionInfo(1, self.rows + 2)
         assert await sink.read_generation(kind, neighbour, DAY) == PartitionInfo(1, self.rows + 3)
@@ -306,7 +317,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_zero_batches_make_an_empty_generation(self, sink, kind):
+    async def test_zero_batches_make_an_empty_generation(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         assert await sink.replace(Target(kind, source, DAY, 1), feed([])) == 0
         assert await sink.read_generation(kind, source, DAY) == PartitionInfo(1, 0)
@@ -316,7 +327,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_an_unknown_partition_reads_as_none(self, sink, kind):
+    async def test_an_unknown_partition_reads_as_none(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         assert await sink.read_generation(kind, source, DAY) is None
         await self.write(sink, kind, source, 1)
@@ -326,7 +337,8 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_a_reopened_sink_sees_the_same_generation(self, sink, reopen_sink, kind):
+    async def test_a_reopened_sink_sees_the_same_generation(self, sink: Sink, reopen_sink: ReopenSink | None,
+                                                            kind: Kind) -> None:
         if reopen_sink is None:
             pytest.skip("no `reopen_sink` fixture: provide one returning a new opened sink on the same storage")
         source = _source()
@@ -349,7 +361,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_scan_returns_the_rows_written(self, sink, kind):
+    async def test_scan_returns_the_rows_written(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         first = self.batches(kind, source, 1)
         first.insert(1, kit_batch(kind, source, DAY, 1, 0))
@@ -361,7 +373,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_an_empty_generation_scans_to_nothing(self, sink, kind):
+    async def test_an_empty_generation_scans_to_nothing(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         assert await self.scanned(sink, kind, source) == [], "a partition never written must scan to nothing"
         await self.write(sink, kind, source, 1)
@@ -372,7 +384,7 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_a_failed_replace_leaves_the_previous_generations_rows(self, sink, kind):
+    async def test_a_failed_replace_leaves_the_previous_generations_rows(self, sink: Sink, kind: Kind) -> None:
         source, other = _source("a"), _source("b")
         first = self.batches(kind, source, 1)
         await sink.replace(Target(kind, source, DAY, 1), feed(first))
@@ -383,10 +395,11 @@ class SinkSuite:
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", KINDS)
-    async def test_an_abandoned_scan_leaves_the_sink_usable(self, sink, kind):
+    async def test_an_abandoned_scan_leaves_the_sink_usable(self, sink: Sink, kind: Kind) -> None:
         source = _source()
         await self.write(sink, kind, source, 1)
         stream = sink.scan(kind, source, DAY, batch_rows=self.scan_batch_rows)
+        assert isinstance(stream, Closable), NOT_CLOSABLE.format(type(stream).__name__)
         first = await asyncio.wait_for(anext(stream), WAIT_S)
         assert 0 < first.num_rows <= self.scan_batch_rows
         await asyncio.wait_for(stream.aclose(), WAIT_S)

@@ -56,9 +56,20 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
-                    ProbeResult, SourceInfo, ThreadStream, TransientError, rechunk)
-
+from ingestd import (
+    Capabilities,
+    ConfigError,
+    Connector,
+    ConnectorError,
+    DayQuery,
+    Outlet,
+    PermanentError,
+    ProbeResult,
+    SourceInfo,
+    ThreadStream,
+    TransientError,
+    rechunk,
+)
 
 log = structlog.get_logger("ingestd.bigquery")
 T = TypeVar("T")
@@ -99,7 +110,8 @@ class BigQueryConfig:
             raise ConfigError("project", "must not be empty")
         if self.default_dataset is not None and not re.fullmatch(r"([A-Za-z0-9_.:-]+\.)?[A-Za-z0-9_]+",
                                                                   self.default_dataset):
-            raise ConfigError("default_dataset", f"expected 'dataset' or 'project.dataset', got {self.default_dataset!r}")
+            raise ConfigError("default_dataset",
+                              f"expected 'dataset' or 'project.dataset', got {self.default_dataset!r}")
         if self.anonymous and (self.credentials_file or self.impersonate_service_account):
             raise ConfigError("anonymous", "anonymous credentials exclude credentials_file and impersonation")
         if self.impersonation_delegates and not self.impersonate_service_account:
@@ -123,7 +135,8 @@ class BigQueryConfig:
         if self.api_endpoint is not None and urlparse(self.api_endpoint).scheme not in ("http", "https"):
             raise ConfigError("api_endpoint", f"expected an http:// or https:// URL, got {self.api_endpoint!r}")
         if self.storage_api_endpoint is not None and not _grpc_target(self.storage_api_endpoint)[0]:
-            raise ConfigError("storage_api_endpoint", f"expected HOST:PORT or http://HOST:PORT, got {self.storage_api_endpoint!r}")
+            raise ConfigError("storage_api_endpoint",
+                              f"expected HOST:PORT or http://HOST:PORT, got {self.storage_api_endpoint!r}")
 
 
 def _grpc_target(endpoint: str) -> tuple[str, bool]:
@@ -313,7 +326,8 @@ def translate(exc: BaseException, *, project: str = "", endpoint: str | None = N
         if isinstance(inner, PermanentError):
             return inner
         return TransientError(f"BigQuery kept failing until the retry deadline: "
-                              f"{_detail(cause) if cause is not None else detail}", code=inner.code if inner else "retry")
+                              f"{_detail(cause) if cause is not None else detail}",
+                              code=inner.code if inner else "retry")
     if module.startswith("google.auth"):
         if name == "DefaultCredentialsError":
             return PermanentError("no Google credentials: set credentials_file, or provide Application Default "
@@ -384,7 +398,7 @@ def as_json_text(batch: pa.RecordBatch) -> pa.RecordBatch:
     if not any(_nested(f.type) for f in batch.schema):
         return batch
     arrays, fields = [], []
-    for f, column in zip(batch.schema, batch.columns):
+    for f, column in zip(batch.schema, batch.columns, strict=True):
         if _nested(f.type):
             text = [None if v is None else json.dumps(v, default=_json_default, ensure_ascii=False,
                                                        separators=(",", ":"))
@@ -513,7 +527,8 @@ class BigQueryConnector(Connector):
             if plaintext:
                 import grpc
                 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import (
-                    BigQueryReadGrpcTransport)
+                    BigQueryReadGrpcTransport,
+                )
                 return storage.BigQueryReadClient(transport=BigQueryReadGrpcTransport(
                     channel=grpc.insecure_channel(target)))
             return storage.BigQueryReadClient(credentials=self._client._credentials,
@@ -716,7 +731,8 @@ class BigQueryConnector(Connector):
                 say = log.info if self._fallback_warned else log.warning  # once loud, then quiet
                 self._fallback_warned = True
                 say("bigquery.storage_fallback", connection=self.name, source=src, day=day,
-                    error=str(self._err(exc)), reason="no Storage Read API session; reading this load through REST pages")
+                    error=str(self._err(exc)),
+                    reason="no Storage Read API session; reading this load through REST pages")
             finally:
                 stream.close()
             stats["path"] = "rest"

@@ -66,8 +66,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
-                     ProbeResult, Secret, SourceInfo, ThreadStream, TransientError, rechunk)
+from ingestd import (
+    Capabilities,
+    ConfigError,
+    Connector,
+    ConnectorError,
+    DayQuery,
+    Outlet,
+    PermanentError,
+    ProbeResult,
+    Secret,
+    SourceInfo,
+    ThreadStream,
+    TransientError,
+    rechunk,
+)
 
 log = structlog.get_logger("ingestd.databricks")
 T = TypeVar("T")
@@ -106,8 +119,8 @@ class DatabricksConfig:
     def validate(self) -> None:
         host = re.sub(r"^[a-z]+://", "", self.server_hostname.strip(), flags=re.I).split("/")[0]
         if not host or not re.fullmatch(r"[A-Za-z0-9.-]+", host):
-            raise ConfigError("server_hostname", f"expected a host name such as "
-                                                 f"\"dbc-a1b2c3d4-e5f6.cloud.databricks.com\", got {self.server_hostname!r}")
+            raise ConfigError("server_hostname", "expected a host name such as \"dbc-a1b2c3d4-e5f6.cloud.databricks"
+                                                 f".com\", got {self.server_hostname!r}")
         self.server_hostname = host
         if not self.http_path.strip().strip("/"):
             raise ConfigError("http_path", "expected the SQL warehouse's or cluster's HTTP path, such as "
@@ -121,7 +134,8 @@ class DatabricksConfig:
             raise ConfigError("client_secret" if self.client_id else "client_id",
                               "OAuth machine-to-machine needs both client_id and client_secret")
         if self.credentials_provider is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.credentials_provider):
-            raise ConfigError("credentials_provider", f"expected \"module:callable\", got {self.credentials_provider!r}")
+            raise ConfigError("credentials_provider",
+                              f"expected \"module:callable\", got {self.credentials_provider!r}")
         if self.timestamp_ntz_zone != "source":
             try:
                 ZoneInfo(self.timestamp_ntz_zone)
@@ -151,8 +165,8 @@ class DatabricksConfig:
 
 ERROR_CLASS = re.compile(r"\[([A-Z][A-Z0-9_]+(?:\.[A-Z0-9_]+)?)\]")
 SQLSTATE = re.compile(r"SQLSTATE:\s*([0-9A-Z]{5})")
-PRIVILEGE = re.compile(r"does not have ([A-Z][A-Z ]*?[A-Z])(?: privilege)? on (\w+) (?:['`]([^'`]+)['`]|(\S+?))(?:\.?\s|\.?$)",
-                       re.I)
+PRIVILEGE = re.compile(r"does not have ([A-Z][A-Z ]*?[A-Z])(?: privilege)? on (\w+) "
+                       r"(?:['`]([^'`]+)['`]|(\S+?))(?:\.?\s|\.?$)", re.I)
 SESSION_GONE = re.compile(r"Invalid (SessionHandle|OperationHandle)|session.*(expired|closed|not found)", re.I)
 
 
@@ -360,7 +374,7 @@ def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str) -> pa.Table:
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     columns, fields = [], []
-    for f, column in zip(table.schema, table.columns):
+    for f, column in zip(table.schema, table.columns, strict=True):
         typ = f.type
         if pa.types.is_integer(typ) and typ != pa.int64():
             column, typ = column.cast(pa.int64()), pa.int64()
@@ -571,7 +585,10 @@ class DatabricksConnector(Connector):
     @staticmethod
     def _params(query: DayQuery) -> dict[str, Any]:
         """The day's values as native parameters: {start}/{end} as UTC instants (TIMESTAMP)."""
-        params = dict(query.params) if isinstance(query.params, dict) else dict(zip(query.names, query.params))
+        if isinstance(query.params, dict):
+            params = dict(query.params)
+        else:
+            params = dict(zip(query.names, query.params, strict=True))
         for name in ("start", "end"):
             value = params.get(name)
             if isinstance(value, dt.datetime) and value.tzinfo is None:

@@ -33,11 +33,21 @@ import duckdb
 import pyarrow as pa
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, ThreadSession, TransientError, rechunk)
+from ingestd import (
+    Capabilities,
+    ConfigError,
+    Connector,
+    ConnectorError,
+    DayQuery,
+    PermanentError,
+    ProbeResult,
+    SourceInfo,
+    ThreadSession,
+    TransientError,
+    rechunk,
+)
 
 from .demo_warehouse import ensure_demo_warehouse
-
 
 log = structlog.get_logger("ingestd.duckdb")
 T = TypeVar("T")

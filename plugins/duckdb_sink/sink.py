@@ -46,8 +46,7 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
-from ingestd import (EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target)
-
+from ingestd import EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target
 
 T = TypeVar("T")
 

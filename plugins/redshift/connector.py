@@ -78,11 +78,24 @@ from typing import Any, Literal, TypeVar
 import pyarrow as pa
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
-                    ProbeResult, Rechunker, Secret, SourceInfo, ThreadStream, TransientError, quote_ident)
+from ingestd import (
+    Capabilities,
+    ConfigError,
+    Connector,
+    ConnectorError,
+    DayQuery,
+    Outlet,
+    PermanentError,
+    ProbeResult,
+    Rechunker,
+    Secret,
+    SourceInfo,
+    ThreadStream,
+    TransientError,
+    quote_ident,
+)
 
 from .fast_rows import raw_array, use_fast_data_rows, use_raw_values
-
 
 log = structlog.get_logger("ingestd.redshift")
 T = TypeVar("T")
@@ -375,7 +388,7 @@ def rows_to_batch(columns: list[_Column], rows: list | tuple) -> pa.RecordBatch:
     """Rows as the driver gives them (lists of Python values) -> one Arrow record batch."""
     schema = pa.schema([pa.field(c.name, c.type) for c in columns])
     arrays = []
-    for column, values in zip(columns, zip(*rows)):
+    for column, values in zip(columns, zip(*rows, strict=True), strict=False):  # no rows: no values
         try:
             arrays.append(raw_array(values, column.type) if column.raw
                           else pa.array(_values(column, values), type=column.type))
@@ -392,7 +405,7 @@ class _Session:
     cancels the running statement (PostgreSQL CancelRequest on a new socket) and, if that does not
     free the thread soon, shuts the socket down under it."""
 
-    def __init__(self, connector: "RedshiftConnector"):
+    def __init__(self, connector: RedshiftConnector):
         self.connector = connector
         self.con = None
         self._stopping = threading.Event()

@@ -185,7 +185,8 @@ def internals_changed(con, cursor=None) -> list[str]:
         else:
             descs = cursor.truncated_row_desc()
             if not all(isinstance(d, tuple) and len(d) in (1, 2) and callable(d[0]) for d in descs):
-                problems.append(f"Cursor.truncated_row_desc() no longer gives (decoder,) or (decoder, scale): {descs!r}")
+                problems.append("Cursor.truncated_row_desc() no longer gives (decoder,) or (decoder, scale): "
+                                f"{descs!r}")
         if getattr(cursor, "ps", None) is None:
             problems.append("Cursor.ps (the current result's prepared statement) is gone")
         if not callable(getattr(getattr(cursor, "_cached_rows", None), "append", None)):

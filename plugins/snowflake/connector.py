@@ -61,9 +61,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, Outlet, PermanentError,
-                    ProbeResult, Secret, SourceInfo, ThreadStream, TransientError, rechunk)
-
+from ingestd import (
+    Capabilities,
+    ConfigError,
+    Connector,
+    ConnectorError,
+    DayQuery,
+    Outlet,
+    PermanentError,
+    ProbeResult,
+    Secret,
+    SourceInfo,
+    ThreadStream,
+    TransientError,
+    rechunk,
+)
 
 log = structlog.get_logger("ingestd.snowflake")
 T = TypeVar("T")
@@ -298,7 +310,7 @@ def normalize(table: pa.Table | pa.RecordBatch, ntz_zone: str, lowercase: bool =
         table = pa.Table.from_batches([table])
     taken = set(table.schema.names)
     columns, fields = [], []
-    for f, column in zip(table.schema, table.columns):
+    for f, column in zip(table.schema, table.columns, strict=True):
         typ = f.type
         if pa.types.is_integer(typ) and typ != pa.int64():
             column, typ = column.cast(pa.int64()), pa.int64()
@@ -546,7 +558,7 @@ class SnowflakeConnector(Connector):
         zone = ZoneInfo(self._zone(query))
         params = list(query.params.values()) if isinstance(query.params, dict) else list(query.params)
         out = []
-        for name, value in zip(query.names or [None] * len(params), params):
+        for name, value in zip(query.names or [None] * len(params), params, strict=True):
             if name in ("start", "end") and isinstance(value, dt.datetime):
                 aware = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
                 value = aware.astimezone(zone).replace(tzinfo=None)

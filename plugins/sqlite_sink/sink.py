@@ -33,8 +33,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingestd import (EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target)
-
+from ingestd import EVENTS_SCHEMA, METRICS_SCHEMA, ConfigError, Kind, PartitionInfo, Sink, SinkError, Target
 
 T = TypeVar("T")
 
@@ -197,7 +196,7 @@ class SQLiteSink(Sink):
         columns = _columns(batch, schema, target)
         names = ", ".join(f'"{n}"' for n in schema.names)
         marks = ", ".join("?" for _ in schema.names)
-        con.executemany(f"INSERT INTO {target.kind} ({names}) VALUES ({marks})", zip(*columns))
+        con.executemany(f"INSERT INTO {target.kind} ({names}) VALUES ({marks})", zip(*columns, strict=True))
         return batch.num_rows
 
     def _commit(self, target: Target, rows: int) -> None:
@@ -247,9 +246,9 @@ def _close_scan(cursor: sqlite3.Cursor) -> None:
 
 def _batch(rows: list[tuple], schema: pa.Schema) -> pa.RecordBatch:
     """Rows as SQLite stores them (ISO text for days and timestamps) in the canonical schema."""
-    columns = list(zip(*rows))
+    columns = list(zip(*rows, strict=True))
     arrays = []
-    for field, values in zip(schema, columns):
+    for field, values in zip(schema, columns, strict=False):  # no rows: no columns
         if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
             arrays.append(pa.array(values, pa.string()).cast(field.type))
         else:

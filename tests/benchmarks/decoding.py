@@ -19,7 +19,8 @@ if str(ROOT) not in sys.path:
 
 import redshift_connector  # noqa: E402
 
-from ingestd.plugins.redshift import connector as R, fast_rows as F  # noqa: E402
+from ingestd.plugins.redshift import connector as R  # noqa: E402
+from ingestd.plugins.redshift import fast_rows as F  # noqa: E402
 from tests.benchmarks import run as B  # noqa: E402
 from tests.postgres import start_postgres  # noqa: E402
 

@@ -103,7 +103,8 @@ def fill(cluster, day: dt.date, n: int) -> None:
 def measure(port: int, day: dt.date, args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--port", str(port), "--day", day.isoformat(), "--mode", mode,
            "--batch-rows", str(args.batch_rows), "--fetch-size", str(args.fetch_size)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode != 0:
         raise SystemExit(f"measuring {mode} {day} failed:\n{out.stdout}\n{out.stderr}")

@@ -313,9 +313,11 @@ def write_sources_config(folder: Path, warehouse: Path, n: int, *, daemon: str, 
 def load_day(folder: Path, day: dt.date, expect: int, *, tree: bool = False) -> dict:
     res = ingestd(folder, "load", "bench", "--day", day.isoformat(), tree=tree)
     [(status, fetched, written, ms)] = state(folder, "SELECT status, rows_fetched, rows_written, duration_ms FROM runs "
-                                                     "WHERE day = ? ORDER BY started_at DESC LIMIT 1", (day.isoformat(),))
+                                                     "WHERE day = ? ORDER BY started_at DESC LIMIT 1",
+                                             (day.isoformat(),))
     if (status, fetched, written) != ("succeeded", expect, expect):
-        raise RuntimeError(f"load of {day} in {folder}: {status}, fetched {fetched}, written {written}, expected {expect}")
+        raise RuntimeError(f"load of {day} in {folder}: {status}, fetched {fetched}, written {written}, "
+                           f"expected {expect}")
     res.update(rows=written, load_s=ms / 1000, rows_per_s=written / (ms / 1000))
     return res
 
@@ -350,7 +352,8 @@ def recheck_cost(base: Path, batch_rows: int) -> dict:
     loaded = ingestd(folder, "backfill", "--all", "--from", first.isoformat(), "--to", DAY.isoformat())
     ingestd(folder, "run", "--once", "--now", at(6, 5))
     partitions = state(folder, "SELECT count(*), sum(rows) FROM partitions WHERE status = 'succeeded'")[0]
-    assert partitions == (RECHECK_SOURCES * RECHECK_DAYS, RECHECK_SOURCES * RECHECK_DAYS * RECHECK_ROWS_PER_DAY), partitions
+    assert partitions == (RECHECK_SOURCES * RECHECK_DAYS,
+                          RECHECK_SOURCES * RECHECK_DAYS * RECHECK_ROWS_PER_DAY), partitions
     runs_before = state(folder, "SELECT count(*), coalesce(sum(rows_fetched), 0) FROM runs")[0]
     config('["0 18 * * *"]')
     say("re-check: one re-check window, nothing changed")
@@ -529,9 +532,11 @@ def main() -> int:
         snk = min(sinks, key=lambda x: x["seconds"])
         e2e = max(loads, key=lambda x: x["rows_per_s"])
         ceilings = {
-            "wire_rows_per_s": round(n / wire["seconds"]), "wire_mb_per_s": round(wire["bytes"] / 2**20 / wire["seconds"], 1),
+            "wire_rows_per_s": round(n / wire["seconds"]),
+            "wire_mb_per_s": round(wire["bytes"] / 2**20 / wire["seconds"], 1),
             "driver_rows_per_s": round(n / drv["seconds"]), "driver_peak_rss_mb": round(drv["maxrss_mb"], 1),
-            "sink_rows_per_s": round(n / snk["seconds"]), "map_rows_per_s": round(n / min(x["map_seconds"] for x in sinks)),
+            "sink_rows_per_s": round(n / snk["seconds"]),
+            "map_rows_per_s": round(n / min(x["map_seconds"] for x in sinks)),
             "mapped_day_arrow_mb": round(snk["arrow_mb"], 1),
             "driver_rows_per_s_tries": [round(n / x["seconds"]) for x in drivers],
             "sink_rows_per_s_tries": [round(n / x["seconds"]) for x in sinks],
@@ -615,7 +620,8 @@ def targets(r: dict) -> dict:
     out = {"end_to_end_at_least_0.85_of_lower_ceiling": r["end_to_end"]["ratio_to_lower_ceiling"] >= 0.85,
            "rss_growth_under_50_mb_for_10x_rows": r["memory"]["growth_mb_for_10x_rows"] < 50}
     if "recheck" in r:
-        out["unchanged_recheck_fetches_zero_rows"] = r["recheck"]["rows_fetched"] == 0 and r["recheck"]["runs_started"] == 0
+        out["unchanged_recheck_fetches_zero_rows"] = (r["recheck"]["rows_fetched"] == 0
+                                                      and r["recheck"]["runs_started"] == 0)
     if "schedule" in r:
         out["idle_cpu_under_1pct_of_a_core_with_1000_sources"] = r["schedule"]["cpu_pct_of_one_core"] < 1.0
     return out

@@ -81,8 +81,20 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import duckdb
 import pyarrow as pa
 
-from ingestd import (Capabilities, ConfigError, Connector, ConnectorError, DayQuery, PermanentError, ProbeResult,
-                    SourceInfo, ThreadSession, TransientError, hookimpl, rechunk)
+from ingestd import (
+    Capabilities,
+    ConfigError,
+    Connector,
+    ConnectorError,
+    DayQuery,
+    PermanentError,
+    ProbeResult,
+    SourceInfo,
+    ThreadSession,
+    TransientError,
+    hookimpl,
+    rechunk,
+)
 
 from .layout import FileStat, LayoutError, Pattern, fingerprint, has_glob_chars, layout_days, stat_files
 
@@ -274,7 +286,7 @@ class FilesConnector(Connector):
             files = await asyncio.to_thread(self.list_files, shifted)
             if files:
                 sql = f"SELECT * FROM ({query.sql}) q LIMIT 0"
-                await self._call(files, lambda con: con.execute(sql, query.params).fetchall())
+                await self._call(files, lambda con, sql=sql: con.execute(sql, query.params).fetchall())
                 return
 
     async def probe(self, query: DayQuery, source: SourceInfo | None = None) -> ProbeResult:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import pytest_asyncio
+from ingestd_files.connector import FilesConfig, FilesConnector
+from lake import FilesKitTable
 
 from ingestd import build_model
 from ingestd.testing import ConnectorSuite
-from ingestd_files.connector import FilesConfig, FilesConnector
-from lake import FilesKitTable
 
 
 def connector_on(root, **table) -> FilesConnector:

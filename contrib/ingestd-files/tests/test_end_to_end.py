@@ -11,7 +11,6 @@ import json
 
 import pyarrow as pa
 import pytest
-
 from lake import read_rows, write_rows
 
 D = dt.date(2026, 11, 20)

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ingestd import DayWindow, IngestdError, PermanentError, TransientError, build_model
-from ingestd.testing.connector_suite import kit_day_query
 from ingestd_files.connector import FilesConfig, FilesConnector
 from ingestd_files.layout import LayoutError, Pattern, layout_days
 from lake import KIT_SCHEMA, write_rows
+
+from ingestd import DayWindow, IngestdError, PermanentError, TransientError, build_model
+from ingestd.testing.connector_suite import kit_day_query
 
 D = dt.date(2026, 11, 20)
 QUERY = "SELECT * FROM day_files WHERE ts >= ? AND ts < ?"
@@ -314,6 +314,7 @@ def _sample(text: str) -> str:
 
 def test_the_sample_config_is_the_config_model_with_its_defaults():
     import tomllib
+
     import ingestd_files.connector as module
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     sample = _sample(readme)

@@ -48,7 +48,7 @@ class Request(Command):
             result = asyncio.run(send_request(
                 config.bus, config.instance(), args.what, body, timeout=args.timeout,
                 username=os.environ.get("INGESTD_BUS_USERNAME"), password=os.environ.get("INGESTD_BUS_PASSWORD")))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             print(f"no answer within {args.timeout} s (is the daemon running with [bus] enabled?)", file=sys.stderr)
             return EXIT_FAILED
         except aiomqtt.MqttError as exc:

@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import sys
+from typing import Any
 
 from ...engine.state import StateStore
 from ...service.views import status_report
@@ -33,7 +34,7 @@ class Status(Command):
                 print(f"unknown source {n!r}", file=sys.stderr)
                 return EXIT_USAGE
 
-        async def read() -> dict:
+        async def read() -> dict[str, Any]:
             state = await StateStore(config.state_path(), writer=False).open()
             try:
                 return await status_report(config, state, names, args.days, dt.datetime.now(dt.UTC))

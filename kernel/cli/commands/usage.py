@@ -27,7 +27,8 @@ class Usage(Command):
         parser.add_argument("--json", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        for lo, hi, what in ((args.first, args.last, "--from/--to"), (args.ran_from, args.ran_to, "--ran-from/--ran-to")):
+        ranges = ((args.first, args.last, "--from/--to"), (args.ran_from, args.ran_to, "--ran-from/--ran-to"))
+        for lo, hi, what in ranges:
             if lo and hi and lo > hi:
                 print(f"{what}: {lo} is after {hi}", file=sys.stderr)
                 return EXIT_USAGE
@@ -47,7 +48,8 @@ class Usage(Command):
         period = args.by
         print(f"{'source':<20} {period:<10} {'trigger':<10} {'load':<7} {'rows':>12} {'loads':>6}")
         for r in rows:
-            print(f"{r['source']:<20} {r[period]:<10} {r['trigger']:<10} {r['load']:<7} {r['rows']:>12} {r['loads']:>6}")
+            print(f"{r['source']:<20} {r[period]:<10} {r['trigger']:<10} {r['load']:<7} {r['rows']:>12} "
+                  f"{r['loads']:>6}")
         total = sum(r["rows"] or 0 for r in rows)
         print(f"{'total':<50} {total:>12}")
         return EXIT_OK
