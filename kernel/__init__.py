@@ -44,6 +44,7 @@ from .core.events import (
 from .core.models import Secret, build_model
 from .core.query import DayQuery, DayWindow, day_query, quote_ident
 from .core.schema import EVENTS_SCHEMA, METRICS_SCHEMA, SCHEMAS
+from .core.secrets import pem_lines, scrub
 from .core.streams import Outlet, Rechunker, ThreadSession, ThreadStream, rechunk
 from .plugin import API_VERSION, hookimpl  # a plugin declares INGESTD_API = (min, max), inclusive
 from .plugin.configured import configured_sink
@@ -53,7 +54,7 @@ __all__ = [
     "Connector", "Sink", "Registry", "Capabilities", "ProbeResult", "SourceInfo", "Target",
     "PartitionInfo", "Kind", "DayQuery", "DayWindow", "day_query", "quote_ident",
     "EVENTS_SCHEMA", "METRICS_SCHEMA", "SCHEMAS",
-    "Secret", "build_model", "configured_sink",
+    "Secret", "build_model", "configured_sink", "scrub", "pem_lines",
     "ThreadStream", "Outlet", "ThreadSession", "Rechunker", "rechunk",
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
+from typing import TextIO
 
 from ..core.errors import ConfigErrors, IngestdError, StateError
 from ..core.memory import use_system_memory_pool
+from ..core.secrets import scrub
 from . import commands  # noqa: F401  (registers every subcommand)
 from .registry import EXIT_FAILED, EXIT_USAGE, REGISTERED
 
@@ -27,7 +30,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class ScrubbedStream(io.TextIOBase):
+    """stdout or stderr with every configured secret masked, whatever a command prints."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(scrub(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # TextIOBase declares it read-only
+        return self.stream.encoding
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout = ScrubbedStream(sys.stdout)
+    sys.stderr = ScrubbedStream(sys.stderr)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `ingestd status | head -3`: the reader is gone, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     use_system_memory_pool()
     try:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from typing import ClassVar, TextIO
 
 from ..core import logs
 from ..core.config import Config, load_config
+from ..core.secrets import register
 from ..plugin.manager import LoadedPlugins, load_plugins
 
 EXIT_OK = 0
@@ -45,9 +47,12 @@ class Command:
 
 
 def setup(path: str, *, log_to: TextIO = sys.stderr) -> tuple[Config, LoadedPlugins]:
-    """Plugins loaded, the config read and validated, logging configured."""
+    """Plugins loaded, the config read and validated, its secrets registered for scrubbing, files
+    this process creates readable by their owner only (`[daemon] umask`), logging configured."""
     plugins = load_plugins()
     config = load_config(path, plugins.registry, plugins.errors())
+    register(config.secrets())
+    os.umask(int(config.daemon.umask, 8))
     logs.configure(config.daemon.log_level, stream=log_to)
     return config, plugins
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from .contracts import Connector, Registry, Sink
 from .errors import ConfigError, ConfigErrors
-from .models import BASE_DIR, Secret, build_model, redact, secret_values
+from .models import BASE_DIR, Secret, UnsetVariable, build_model, expand_env, redact, secret_values
 from .query import uses_placeholders
 from .scheduler import validate_cron, validate_timezone
 from .schema import Mapping
@@ -39,11 +39,15 @@ class DaemonSection:
     retry_max_seconds: float = 300.0
     shutdown_grace_seconds: float = 30.0
     max_backfill_days: int = 366
+    umask: str = "077"
+    """The umask of every file ingestd creates (state store, sink files, lock): owner only."""
 
     def validate(self) -> None:
         for key in ("max_concurrent_loads", "batch_rows", "retry_attempts", "max_backfill_days"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, "must be at least 1")
+        if not (self.umask.isdigit() and set(self.umask) <= set("01234567") and len(self.umask) <= 4):
+            raise ConfigError("umask", f"expected an octal umask such as \"077\", got {self.umask!r}")
 
 
 @dataclass
@@ -65,6 +69,8 @@ class BusSection:
     keepalive: int = 30
     reconnect_max_seconds: float = 60.0
     max_payload_bytes: int = 65536
+    heartbeat_seconds: float = 60.0
+    """How often the retained online state's `heartbeat_at` is refreshed."""
 
 
 DEFAULT_RECHECK_SCHEDULE = ["0 */6 * * *"]
@@ -117,6 +123,8 @@ class Plugged:
 
     type: str
     config: Any
+    derived_secrets: list[str] = field(default_factory=list)
+    """What the plugin's `secret_values(config)` derived from its structured secrets."""
 
 
 @dataclass
@@ -138,9 +146,11 @@ class Config:
         return self.daemon.instance or socket.gethostname()
 
     def secrets(self) -> list[str]:
+        """Every secret value of this config: each `Secret` field, and what the plugins derive from
+        structured secrets (the fields of a key file). `ingestd.core.secrets` scrubs them."""
         values = secret_values(self.bus)
         for plugged in (*self.sinks.values(), *self.connections.values()):
-            values += secret_values(plugged.config)
+            values += secret_values(plugged.config) + plugged.derived_secrets
         return [v for v in values if v]
 
     def redacted(self) -> dict[str, Any]:
@@ -153,7 +163,7 @@ class Config:
 
 
 def resolve_path(config_file: Path, raw: str) -> Path:
-    path = Path(os.path.expanduser(os.path.expandvars(raw)))
+    path = Path(os.path.expanduser(raw))
     return path if path.is_absolute() else (config_file.parent / path).resolve()
 
 
@@ -192,11 +202,35 @@ def load_sinks(path: str | os.PathLike[str], registry: Registry,
 def _read(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     file = Path(path).resolve()
     try:
-        return file, tomllib.loads(file.read_text())
+        raw = tomllib.loads(file.read_text())
     except FileNotFoundError:
         raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
+    errors: list[ConfigError] = []
+    expanded = _expand(raw, "", errors)
+    if errors:
+        raise ConfigErrors([ConfigError(e.path, e.message, file=str(file)) for e in errors])
+    return file, expanded
+
+
+SQL_KEYS = ("query", "ready_query")
+"""Source keys left as written: SQL takes no values from the environment (bound parameters only)."""
+
+
+def _expand(value: Any, where: str, errors: list[ConfigError]) -> Any:
+    """Environment references (`${VAR}`, `${VAR:-default}`) in every string of the config but a
+    source's SQL; an unset variable without a default is an error naming the key and it."""
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else str(k), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if isinstance(value, str) and not (where.startswith("sources.") and where.rsplit(".", 1)[-1] in SQL_KEYS):
+        try:
+            return expand_env(value)
+        except UnsetVariable as exc:
+            errors.append(ConfigError(where, str(exc)))
+    return value
 
 
 def _load(file: Path, raw: dict[str, Any], registry: Registry, plugin_errors: dict[str, str]) -> Config:
@@ -266,9 +300,16 @@ def _plugged(tables: Any, where: str, types: ReadOnlyMap[str, type[Connector] | 
             continue
         rest = {k: v for k, v in table.items() if k != "type"}
         try:
-            out[name] = Plugged(kind, build_model(cls.config_model, rest, path))
+            model: Any = build_model(cls.config_model, rest, path)
         except ConfigErrors as exc:
             errors.extend(exc.errors)
+            continue
+        try:
+            derived = [v for v in cls.secret_values(model) if isinstance(v, str)]
+        except Exception as exc:  # a plugin's reading of its key file: say which table, go on
+            errors.append(ConfigError(path, f"the {what} could not read its secrets: {type(exc).__name__}: {exc}"))
+            continue
+        out[name] = Plugged(kind, model, derived)
     return out
 
 

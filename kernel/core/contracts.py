@@ -84,6 +84,14 @@ class Connector(ABC):
         self.capabilities = self.capabilities_for(config)
 
     @classmethod
+    def secret_values(cls, config: Any) -> list[str]:
+        """Secret values inside this config beyond its `Secret` fields, for the kernel to scrub
+        from every output: the fields of a structured secret such as a private key or a
+        service-account file the config names (each one, and each line of a PEM body). Called
+        once when the config is read. Since API version 2."""
+        return []
+
+    @classmethod
     def capabilities_for(cls, config: Any) -> Capabilities:
         """The capabilities of a connection with this config: `capabilities` unless the config
         changes them (e.g. a `fingerprint = false` key). The kernel checks sources against this
@@ -140,6 +148,12 @@ class Sink(ABC):
     def __init__(self, config: Any, *, name: str):
         self.config = config
         self.name = name
+
+    @classmethod
+    def secret_values(cls, config: Any) -> list[str]:
+        """As `Connector.secret_values`: secrets inside this config beyond its `Secret` fields.
+        Since API version 2."""
+        return []
 
     async def open(self) -> None:  # noqa: B027  (optional: nothing to create by default)
         """Create tables and recover from a crash (drop rows of generations never made visible)."""

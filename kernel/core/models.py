@@ -16,12 +16,14 @@ import contextvars
 import dataclasses
 import datetime as dt
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, ConfigErrors
+from .secrets import MIN_LENGTH
 
 T = TypeVar("T")
 
@@ -54,8 +56,36 @@ class Secret:
         return hash(self._value)
 
 
+ENV_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+"""`${VAR}`, `${VAR:-default}`, and `$$` for a literal `$`. A bare `$VAR` is left as it is."""
+
+
+class UnsetVariable(ValueError):
+    def __init__(self, name: str):
+        hint = " (systemd sets it with LoadCredential=)" if name == "CREDENTIALS_DIRECTORY" else ""
+        super().__init__(f"environment variable {name} is not set{hint}; give it a value, or a default "
+                         f"with ${{{name}:-default}}")
+        self.name = name
+
+
+def expand_env(text: str) -> str:
+    """`text` with its `${VAR}` references replaced; raises `UnsetVariable` for an unset one."""
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None or (found == "" and default is not None):
+            if default is None:
+                raise UnsetVariable(name)
+            return default
+        return found
+
+    return ENV_REFERENCE.sub(value, text)
+
+
 def _expand_path(raw: str) -> str:
-    path = Path(os.path.expanduser(os.path.expandvars(raw)))
+    path = Path(os.path.expanduser(expand_env(raw)))
     base = BASE_DIR.get()
     return str(path if path.is_absolute() or base is None else base / path)
 
@@ -74,6 +104,11 @@ def _resolve_secret(name: str, table: dict[str, Any], path: str, errors: list[Co
         errors.append(ConfigError(where, f"expected a non-empty string, got {_show(raw)}"))
         return None
     if key == name:
+        if len(raw) < MIN_LENGTH:
+            errors.append(ConfigError(where, f"an inline secret must be at least {MIN_LENGTH} characters: a shorter "
+                                      f"value cannot be scrubbed from logs and output; give it with {name}_env "
+                                      f"or {name}_file"))
+            return None
         return Secret(raw, "inline")
     if key.endswith("_env"):
         value = os.environ.get(raw)
@@ -81,10 +116,11 @@ def _resolve_secret(name: str, table: dict[str, Any], path: str, errors: list[Co
             errors.append(ConfigError(where, f"environment variable {raw} is not set"))
             return None
         return Secret(value, f"env:{raw}")
-    if "${CREDENTIALS_DIRECTORY}" in raw and not os.environ.get("CREDENTIALS_DIRECTORY"):
-        errors.append(ConfigError(where, "CREDENTIALS_DIRECTORY is not set (systemd LoadCredential=)"))
+    try:
+        file = _expand_path(raw)
+    except UnsetVariable as exc:
+        errors.append(ConfigError(where, str(exc)))
         return None
-    file = _expand_path(raw)
     try:
         value = Path(file).read_text().rstrip("\r\n")
     except OSError as exc:
@@ -163,7 +199,11 @@ def _convert(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
         if not isinstance(value, str) or not value:
             errors.append(ConfigError(path, f"expected a path (a non-empty string), got {_show(value)}"))
             return None
-        return Path(_expand_path(value))
+        try:
+            return Path(_expand_path(value))
+        except UnsetVariable as exc:
+            errors.append(ConfigError(path, str(exc)))
+            return None
     if tp is dt.date:
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
             return value

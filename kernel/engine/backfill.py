@@ -17,6 +17,9 @@ from .state import Backfill
 log = logs.get("ingestd.backfill")
 
 
+MAX_REQUEST_ID = 128
+
+
 class BackfillRejected(IngestdError):
     """The request is invalid; nothing was stored."""
 
@@ -36,6 +39,9 @@ async def submit(rt: Runtime, source: str | list[str], first: dt.date, last: dt.
     """Store a backfill of `source` (a name, names, or "*") from `first` to `last`. With `missing`,
     only the days never loaded, failed or emptied are stored; the others count as skipped."""
     sources = resolve_sources(rt, source)
+    if request_id is not None and not (0 < len(request_id) <= MAX_REQUEST_ID and request_id.isprintable()):
+        shown = ascii(request_id)[:60]
+        raise BackfillRejected(f"request_id must be 1 to {MAX_REQUEST_ID} printable characters, got {shown}")
     if first > last:
         raise BackfillRejected(f"from {first} is after to {last}")
     span = (last - first).days + 1

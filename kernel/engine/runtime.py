@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from ..core.config import Config
 from ..core.contracts import Connector, Sink
 from ..core.errors import ConfigError, ConfigErrors, IngestdError
 from ..core.events import Event
+from ..core.secrets import SECRETS, scrub_value
 from ..plugin.manager import LoadedPlugins
 from .job import Job
 from .state import StateStore
@@ -40,7 +42,7 @@ class Dispatcher:
         self.listeners: list[Callable[[Event], None]] = []
 
     def __call__(self, events: list[Event]) -> None:
-        for event in events:
+        for event in (_scrubbed(e) for e in events):
             fields = {"source": event.source, "day": event.day.isoformat() if event.day else None,
                       "run_id": event.run_id, **event.data}
             log.info(event.type, **{k: v for k, v in fields.items() if v is not None})
@@ -57,6 +59,14 @@ class Dispatcher:
 
 
 R = TypeVar("R", bound=Connector | Sink)
+
+
+def _scrubbed(event: Event) -> Event:
+    """The event as observers and logs may see it: no configured secret in its texts."""
+    if not SECRETS:
+        return event
+    return dataclasses.replace(event, data=scrub_value(event.data),
+                               source=scrub_value(event.source) if event.source else event.source)
 
 
 class _Shared(Generic[R]):

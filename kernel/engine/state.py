@@ -25,6 +25,7 @@ import aiosqlite
 
 from ..core.errors import StateError
 from ..core.events import Event
+from ..core.secrets import scrub_value
 
 SCHEMA_VERSION = 2
 
@@ -460,11 +461,26 @@ class StateStore:
         async with self.transaction() as tx:
             await tx.db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
 
+class ScrubbingConnection:
+    """The connection a transaction writes through: every text parameter is scrubbed of the
+    configured secrets first (`ingestd.core.secrets`), so error texts, reject samples and outbox
+    payloads are stored without them."""
+
+    def __init__(self, db: aiosqlite.Connection):
+        self._db = db
+
+    async def execute(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Cursor:
+        return await self._db.execute(sql, scrub_value(list(params)))
+
+    async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> aiosqlite.Cursor:
+        return await self._db.executemany(sql, [scrub_value(list(r)) for r in rows])
+
+
 class Tx:
     """One open write transaction; `emit` queues an event into the outbox within it."""
 
     def __init__(self, db: aiosqlite.Connection, outbox: bool):
-        self.db = db
+        self.db = ScrubbingConnection(db)
         self.outbox = outbox
         self.events: list[Event] = []
 

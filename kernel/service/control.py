@@ -139,10 +139,18 @@ class Control:
                               missing: bool = False) -> tuple[Backfill, bool]:
         """Store a backfill durably (or find the one stored under `request_id`); runs nothing."""
         try:
-            return await backfills.submit(self.rt, source, first, last, request_id=request_id, origin=origin,
-                                          missing=missing)
+            b, created = await backfills.submit(self.rt, source, first, last, request_id=request_id, origin=origin,
+                                                missing=missing)
         except backfills.BackfillRejected as exc:
             raise ControlError(str(exc)) from None
+        if not created:
+            asked = (self.resolve_sources(source), first, last, missing)
+            if (b.sources, b.day_from, b.day_to, b.missing) != asked:
+                raise ControlError(
+                    f"conflict: request_id {request_id!r} was used for backfill {b.id} ({', '.join(b.sources)} from "
+                    f"{b.day_from} to {b.day_to}{', missing only' if b.missing else ''}), not this request; "
+                    "nothing was changed: send a new request_id for a different backfill")
+        return b, created
 
     async def find_backfill(self, sources: list[str], first: dt.date, last: dt.date) -> Backfill | None:
         return await self.rt.state.find_backfill(sources, first, last)

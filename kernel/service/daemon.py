@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import functools
 import heapq
+import importlib.metadata
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
@@ -27,6 +28,11 @@ from .notify import Notifier, watchdog_interval
 from .tasks import Tasks
 
 log = logs.get("ingestd.daemon")
+
+try:
+    VERSION = importlib.metadata.version("ingestd")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+    VERSION = "unknown"
 MAX_SLEEP = 60.0
 SERVICE = "service:"
 """Task name prefix of services: shutdown lets work finish first, then stops them."""
@@ -73,7 +79,8 @@ class Daemon:
             for name, src in self.config.sources.items():
                 if src.enabled:
                     self._start_window(name, "due", functools.partial(self._run_due, name))
-            await self.rt.state.emit([event(DaemonStarted, None, None, None, sources=sorted(self.config.sources))])
+            await self.rt.state.emit([event(DaemonStarted, None, None, None, version=VERSION,
+                                            sources=sorted(self.config.sources))])
             self.notifier.ready(self.status_line())
             self.tasks.spawn(self._heartbeat(), SERVICE + "heartbeat")
             await self._window_loop()

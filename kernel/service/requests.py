@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +45,27 @@ def answer(status: str, *, data: Any = None, error: str | None = None, transacti
     return {"status": status, "data": data, "error": error, "transaction": transaction}
 
 
+MAX_TEXT = 256
+"""The longest string a request field may hold (a source name, a date)."""
+MAX_REQUEST_ID = 128
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+EARLIEST, LATEST = dt.date(1900, 1, 1), dt.date(2199, 12, 31)
+"""Days a request may name: a calendar's edges (year 1, 9999) are not days data lands on."""
+
+
 def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict[str, Any], Any]:
     """Decode and check a request; returns (fields, transaction) or raises BadRequest."""
     if len(payload) > max_bytes:
         raise BadRequest(f"payload of {len(payload)} bytes is larger than {max_bytes}")
-    if command not in SPECS:
-        raise BadRequest(f"unknown command {command!r} (commands: {', '.join(REQUESTS)})")
+    if not isinstance(command, str) or command not in SPECS:
+        raise BadRequest(f"unknown command {ascii(command)[:60]} (commands: {', '.join(REQUESTS)})")
     try:
         body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
-    except (UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"payload is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except RecursionError:
+        raise BadRequest("payload nests too deeply to be a request") from None
+    except ValueError as exc:
         raise BadRequest(f"payload is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"payload must be a JSON object, got {type(body).__name__}")
@@ -68,15 +81,41 @@ def parse(command: str, payload: bytes, max_bytes: int) -> tuple[dict[str, Any],
             continue
         value = body[name]
         if isinstance(value, bool) != (f.kind is bool) or not isinstance(value, f.kind):
-            raise BadRequest(f"field {name!r} must be {TYPE_WORDS.get(f.kind, f.kind)}, got {json.dumps(value)[:40]}")
+            raise BadRequest(f"field {name!r} must be {TYPE_WORDS.get(f.kind, f.kind)}, got {_show(value)}")
+        if isinstance(value, str):
+            _check_text(name, value, MAX_REQUEST_ID if name == "request_id" else MAX_TEXT)
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value < 2**63:
+            raise BadRequest(f"field {name!r} must be between 1 and {2**63 - 1}, got {_show(value)}")
     return body, transaction
 
 
+def _show(value: Any) -> str:
+    """A value for an error text: JSON, cut short, with nothing that is not printable."""
+    text = json.dumps(value, ensure_ascii=True, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if not value:
+        raise BadRequest(f"field {name!r} must not be empty")
+    if len(value) > limit:
+        raise BadRequest(f"field {name!r} is {len(value)} characters long; at most {limit}")
+    if not value.isprintable():
+        raise BadRequest(f"field {name!r} holds characters that are not printable text (control characters, NUL "
+                         f"or lone surrogates): {_show(value)}")
+
+
 def _day(body: dict[str, Any], key: str) -> dt.date:
+    text = body[key]
     try:
-        return dt.date.fromisoformat(body[key])
+        if not DATE.fullmatch(text):
+            raise ValueError(text)
+        day = dt.date.fromisoformat(text)
     except ValueError:
-        raise BadRequest(f"field {key!r} is not a date (YYYY-MM-DD): {body[key]!r}") from None
+        raise BadRequest(f"field {key!r} is not a date (YYYY-MM-DD): {_show(text)}") from None
+    if not EARLIEST <= day <= LATEST:
+        raise BadRequest(f"field {key!r} is outside the days ingestd handles ({EARLIEST} to {LATEST}): {text}")
+    return day
 
 
 async def handle(control: Control, command: str, payload: bytes, max_bytes: int) -> dict[str, Any]:

@@ -68,6 +68,7 @@ from ingestd import (
     SourceInfo,
     ThreadStream,
     TransientError,
+    pem_lines,
     rechunk,
 )
 
@@ -451,6 +452,22 @@ class BigQueryConnector(Connector):
 
     PROBE = ("SELECT COUNT(*) AS ingestd_rows, BIT_XOR(FARM_FINGERPRINT(TO_JSON_STRING(q))) AS ingestd_fp "
              "FROM ({sql}) AS q")
+
+    SECRET_FIELDS = ("private_key", "private_key_id", "client_secret", "refresh_token")
+    """The fields of a credentials file (service-account key, authorized user) that are secret."""
+
+    @classmethod
+    def secret_values(cls, config: BigQueryConfig) -> list[str]:
+        """The secret fields of the credentials file, and the PEM body lines of its private key
+        (an unreadable or malformed file is `check`'s to report)."""
+        if config.credentials_file is None:
+            return []
+        try:
+            info = json.loads(Path(config.credentials_file).read_text())
+        except (OSError, ValueError):
+            return []
+        values = [info[k] for k in cls.SECRET_FIELDS if isinstance(info, dict) and isinstance(info.get(k), str)]
+        return values + [line for v in values for line in pem_lines(v)]
 
     def __init__(self, config: BigQueryConfig, *, name: str):
         super().__init__(config, name=name)

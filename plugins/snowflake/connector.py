@@ -74,6 +74,7 @@ from ingestd import (
     SourceInfo,
     ThreadStream,
     TransientError,
+    pem_lines,
     rechunk,
 )
 
@@ -404,6 +405,17 @@ class SnowflakeConnector(Connector):
     def capabilities_for(cls, config: SnowflakeConfig) -> Capabilities:
         return Capabilities(fingerprint=config.fingerprint, paramstyle="qmark",
                             quote="" if config.lowercase_columns else '"')
+
+    @classmethod
+    def secret_values(cls, config: SnowflakeConfig) -> list[str]:
+        """The private key file's PEM body lines (an unreadable file is `check`'s to report)."""
+        if config.private_key_file is None:
+            return []
+        try:
+            text = Path(config.private_key_file).read_text(errors="replace")
+        except OSError:
+            return []
+        return pem_lines(text)
 
     def __init__(self, config: SnowflakeConfig, *, name: str):
         super().__init__(config, name=name)
