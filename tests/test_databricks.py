@@ -237,7 +237,7 @@ def test_the_plugin_imports_without_the_driver_and_says_how_to_install_it():
         from ingestd import PermanentError, build_model
         from ingestd.plugins.databricks.connector import DatabricksConfig, DatabricksConnector
         c = DatabricksConnector(build_model(DatabricksConfig, {"server_hostname": "h", "http_path": "/p",
-                                                               "access_token": "t"}, "c"), name="dbx")
+                                                               "access_token": "dapi-t"}, "c"), name="dbx")
         try:
             asyncio.run(c.check())
         except PermanentError as exc:
@@ -290,19 +290,21 @@ def test_config_defaults_secrets_and_host_forms(tmp_path):
 
 @pytest.mark.parametrize("table, key, words", [
     ({"server_hostname": "h", "http_path": "/p"}, "connections.dbx", "got none"),
-    ({"server_hostname": "h", "http_path": "/p", "access_token": "t", "client_id": "c", "client_secret": "s"},
+    ({"server_hostname": "h", "http_path": "/p", "access_token": "dapi-t", "client_id": "c", "client_secret": "sp-s"},
      "connections.dbx", "exactly one way"),
     ({"server_hostname": "h", "http_path": "/p", "client_id": "c"}, "connections.dbx.client_secret", "both"),
     ({"server_hostname": "h", "http_path": "/p", "credentials_provider": "nocolon"},
      "connections.dbx.credentials_provider", "module:callable"),
-    ({"server_hostname": "a b", "http_path": "/p", "access_token": "t"}, "connections.dbx.server_hostname",
+    ({"server_hostname": "a b", "http_path": "/p", "access_token": "dapi-t"}, "connections.dbx.server_hostname",
      "host name"),
-    ({"server_hostname": "h", "http_path": "/", "access_token": "t"}, "connections.dbx.http_path", "HTTP path"),
-    ({"server_hostname": "h", "http_path": "/p", "access_token": "t", "timestamp_ntz_zone": "Mars/Base"},
+    ({"server_hostname": "h", "http_path": "/", "access_token": "dapi-t"}, "connections.dbx.http_path", "HTTP path"),
+    ({"server_hostname": "h", "http_path": "/p", "access_token": "dapi-t", "timestamp_ntz_zone": "Mars/Base"},
      "connections.dbx.timestamp_ntz_zone", "IANA"),
-    ({"server_hostname": "h", "http_path": "/p", "access_token": "t", "session_configuration": {"TIMEZONE": "UTC"}},
+    ({"server_hostname": "h", "http_path": "/p", "access_token": "dapi-t",
+      "session_configuration": {"TIMEZONE": "UTC"}},
      "connections.dbx.session_configuration.TIMEZONE", "set by ingestd"),
-    ({"server_hostname": "h", "http_path": "/p", "access_token": "t", "warehouse": "w"}, "connections.dbx.warehouse",
+    ({"server_hostname": "h", "http_path": "/p", "access_token": "dapi-t", "warehouse": "w"},
+     "connections.dbx.warehouse",
      "unknown key"),
 ])
 def test_config_errors_name_the_key(table, key, words):
