@@ -193,14 +193,14 @@ def test_config_defaults_secrets_and_bad_keys(monkeypatch):
         return str(err.value)
 
     assert "connections.rs.password" in errors({"host": "h", "database": "dev", "user": "u"})
-    assert "connections.rs.fetch_size" in errors({"host": "h", "database": "dev", "user": "u", "password": "p",
+    assert "connections.rs.fetch_size" in errors({"host": "h", "database": "dev", "user": "u", "password": "pw-1",
                                                   "fetch_size": 0})
-    assert "connections.rs.nope" in errors({"host": "h", "database": "dev", "user": "u", "password": "p", "nope": 1})
-    assert "connections.rs.sslmode" in errors({"host": "h", "database": "dev", "user": "u", "password": "p",
+    assert "connections.rs.nope" in errors({"host": "h", "database": "dev", "user": "u", "password": "pw-1", "nope": 1})
+    assert "connections.rs.sslmode" in errors({"host": "h", "database": "dev", "user": "u", "password": "pw-1",
                                                "sslmode": "disable"})
     assert "IAM authentication needs ssl" in errors({"database": "dev", "iam": True, "cluster_identifier": "c",
                                                      "ssl": False})
-    assert "only used with iam" in errors({"host": "h", "database": "dev", "user": "u", "password": "p",
+    assert "only used with iam" in errors({"host": "h", "database": "dev", "user": "u", "password": "pw-1",
                                            "workgroup": "w"})
 
 

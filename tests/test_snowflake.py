@@ -179,7 +179,7 @@ def test_the_plugin_imports_without_the_driver_and_says_how_to_install_it(tmp_pa
         sys.modules["snowflake.connector"] = None
         from ingestd import PermanentError, build_model
         from ingestd.plugins.snowflake.connector import SnowflakeConfig, SnowflakeConnector
-        c = SnowflakeConnector(build_model(SnowflakeConfig, {"account": "a", "user": "u", "password": "p"}, "c"),
+        c = SnowflakeConnector(build_model(SnowflakeConfig, {"account": "a", "user": "u", "password": "pw-1"}, "c"),
                                name="sf")
         try:
             asyncio.run(c.check())
@@ -228,25 +228,25 @@ def test_config_defaults_secrets_and_account_forms(tmp_path):
     assert "s3cret" not in repr(cfg)
     assert (cfg.fingerprint, cfg.timestamp_ntz_zone, cfg.lowercase_columns, cfg.port, cfg.protocol,
             cfg.login_timeout_seconds) == (True, "source", True, 443, "https", 60)
-    locator = build_model(SnowflakeConfig, {"account": "xy12345.eu-west-1", "token": "t"}, "c")
+    locator = build_model(SnowflakeConfig, {"account": "xy12345.eu-west-1", "token": "tok-1"}, "c")
     assert locator.account == "xy12345.eu-west-1" and locator.user is None
     kwargs = SnowflakeConnector(locator, name="sf").connect_kwargs(("orders", "UTC"))
-    assert kwargs["authenticator"] == "oauth" and kwargs["token"] == "t" and kwargs["paramstyle"] == "qmark"
+    assert kwargs["authenticator"] == "oauth" and kwargs["token"] == "tok-1" and kwargs["paramstyle"] == "qmark"
     assert "host" not in kwargs and "user" not in kwargs
 
 
 @pytest.mark.parametrize("table, key, words", [
-    ({"account": "a", "user": "u", "password": "p", "token": "t"}, "connections.sf", "exactly one way"),
+    ({"account": "a", "user": "u", "password": "pw-1", "token": "tok-1"}, "connections.sf", "exactly one way"),
     ({"account": "a", "user": "u"}, "connections.sf", "got none"),
-    ({"account": "a", "user": "u", "password": "p", "private_key_passphrase": "x"},
+    ({"account": "a", "user": "u", "password": "pw-1", "private_key_passphrase": "pass-x"},
      "connections.sf.private_key_passphrase", "only with private_key_file"),
-    ({"account": "a", "password": "p"}, "connections.sf.user", "required"),
-    ({"account": "a", "user": "u", "password": "p", "timestamp_ntz_zone": "Mars/Base"},
+    ({"account": "a", "password": "pw-1"}, "connections.sf.user", "required"),
+    ({"account": "a", "user": "u", "password": "pw-1", "timestamp_ntz_zone": "Mars/Base"},
      "connections.sf.timestamp_ntz_zone", "IANA"),
-    ({"account": "a", "user": "u", "password": "p", "session_parameters": {"timezone": "UTC"}},
+    ({"account": "a", "user": "u", "password": "pw-1", "session_parameters": {"timezone": "UTC"}},
      "connections.sf.session_parameters.timezone", "set by ingestd"),
-    ({"account": "a b", "user": "u", "password": "p"}, "connections.sf.account", "account identifier"),
-    ({"account": "a", "user": "u", "password": "p", "warehous": "W"}, "connections.sf.warehous", "unknown key"),
+    ({"account": "a b", "user": "u", "password": "pw-1"}, "connections.sf.account", "account identifier"),
+    ({"account": "a", "user": "u", "password": "pw-1", "warehous": "W"}, "connections.sf.warehous", "unknown key"),
 ])
 def test_config_errors_name_the_key(table, key, words):
     with pytest.raises(ConfigErrors) as err:
@@ -471,7 +471,7 @@ def snowflake_errors():
 
 
 def test_driver_errors_are_sorted_with_snowflakes_code_and_a_plain_sentence():
-    cfg = build_model(SnowflakeConfig, {"account": "acme-prod", "user": "INGESTD", "password": "p", "role": "R",
+    cfg = build_model(SnowflakeConfig, {"account": "acme-prod", "user": "INGESTD", "password": "pw-1", "role": "R",
                                         "warehouse": "WH"}, "c")
     for exc, cls, code, words in snowflake_errors():
         out = translate(exc, cfg)
