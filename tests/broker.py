@@ -31,7 +31,8 @@ class Mosquitto:
         self.conf = folder / "mosquitto.conf"
         # `user root` matters only when the tests run as root: mosquitto would otherwise drop to the
         # mosquitto user, which cannot read the test's password file or write its persistence file.
-        self.conf.write_text(f"user root\nlistener {self.port} 127.0.0.1\npersistence false\n{extra_conf}")
+        self.conf.write_text(f"user root\nlistener {self.port} 127.0.0.1\npersistence false\nset_tcp_nodelay true\n"
+                             f"{extra_conf}")
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 

@@ -33,7 +33,8 @@ def canary(name: str) -> str:
     return f"Zq9{name}{secrets.token_hex(6)}"
 
 
-CANARIES = {k: canary(k) for k in ("bus", "rs", "rskey", "sfpw", "sfpass", "sftoken", "bqid", "bqkey")}
+CANARIES = {k: canary(k) for k in ("bus", "rs", "rskey", "sfpw", "sfpass", "sftoken", "bqid", "bqkey", "dbxtoken",
+                                   "dbxsecret")}
 
 
 def rsa_pem(passphrase: str | None = None) -> str:
@@ -143,6 +144,23 @@ api_endpoint = "http://127.0.0.1:{closed}"
 retry_seconds = 1.0
 use_storage_api = false
 
+[connections.dbx]
+type = "databricks"
+server_hostname = "127.0.0.1"
+port = {closed}
+http_path = "/sql/1.0/warehouses/canary"
+access_token_env = "CANARY_DBXTOKEN"
+retry_seconds = 1.0
+
+[connections.dbxm2m]
+type = "databricks"
+server_hostname = "127.0.0.1"
+port = {closed}
+http_path = "/sql/1.0/warehouses/canary"
+client_id = "ingestd-sp"
+client_secret_env = "CANARY_DBXSECRET"
+retry_seconds = 1.0
+
 [sources.orders]
 connection = "wh"
 kind = "events"
@@ -169,7 +187,7 @@ timestamp = "ts"
 event_name = "event"
 ids = {{ user_id = "user_id" }}
 '''
-    for name in ("rs", "rsiam", "sf", "sfkey", "sftoken", "bq"):
+    for name in ("rs", "rsiam", "sf", "sfkey", "sftoken", "bq", "dbx", "dbxm2m"):
         text += f'''
 [sources.via_{name}]
 connection = "{name}"
@@ -228,6 +246,7 @@ def test_no_canary_reaches_any_channel(tmp_path, secure_broker):
     cfg = config(tmp_path, secure_broker.port)
     env = cli_env(CANARY_BUS=CANARIES["bus"], CANARY_RS=CANARIES["rs"], CANARY_RSKEY=CANARIES["rskey"],
                   CANARY_SFPW=CANARIES["sfpw"], CANARY_SFPASS=CANARIES["sfpass"], CANARY_SFTOKEN=CANARIES["sftoken"],
+                  CANARY_DBXTOKEN=CANARIES["dbxtoken"], CANARY_DBXSECRET=CANARIES["dbxsecret"],
                   INGESTD_BUS_USERNAME="operator", INGESTD_BUS_PASSWORD="operator-pw-c41d2")
     outputs: list[str] = []
 

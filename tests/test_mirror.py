@@ -308,7 +308,7 @@ def test_status_shows_a_load_in_progress_and_what_is_served_after_a_failed_reloa
         def loading():
             out = ingestd("status", "orders", "--json", "--days", "100000", config=cfg, env=env)
             report = json.loads(out.stdout)["sources"][0] if out.returncode == 0 else None
-            return report if report and report["loading"] else None
+            return report if report and report["loading"] and report["loading"][0]["rows_so_far"] else None
         report = wait_for(loading, what="the reload to show as loading")
         day = next(d for d in report["days"] if d["day"] == D.isoformat())
         assert day["state"] == "loading"

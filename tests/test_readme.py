@@ -22,6 +22,7 @@ COMMENTED_KEY = re.compile(r"^# ?([A-Za-z_][A-Za-z0-9_]*\s*=.*)$")
 ALTERNATIVES = {
     "redshift": "the IAM keys are an alternative to user and password, and cluster_identifier to workgroup",
     "snowflake": "password, private_key_file and token are alternative ways to log in",
+    "databricks": "access_token, client_id with client_secret, and credentials_provider are alternative ways to log in",
 }
 """Samples whose plugin refuses all their optional keys at once, and why; with every key
 uncommented these are checked for known keys and valid values, without the plugin's validate()."""

@@ -228,17 +228,17 @@ def test_config_defaults_secrets_and_account_forms(tmp_path):
     assert "s3cret" not in repr(cfg)
     assert (cfg.fingerprint, cfg.timestamp_ntz_zone, cfg.lowercase_columns, cfg.port, cfg.protocol,
             cfg.login_timeout_seconds) == (True, "source", True, 443, "https", 60)
-    locator = build_model(SnowflakeConfig, {"account": "xy12345.eu-west-1", "token": "tk-1"}, "c")
+    locator = build_model(SnowflakeConfig, {"account": "xy12345.eu-west-1", "token": "tok-1"}, "c")
     assert locator.account == "xy12345.eu-west-1" and locator.user is None
     kwargs = SnowflakeConnector(locator, name="sf").connect_kwargs(("orders", "UTC"))
-    assert kwargs["authenticator"] == "oauth" and kwargs["token"] == "tk-1" and kwargs["paramstyle"] == "qmark"
+    assert kwargs["authenticator"] == "oauth" and kwargs["token"] == "tok-1" and kwargs["paramstyle"] == "qmark"
     assert "host" not in kwargs and "user" not in kwargs
 
 
 @pytest.mark.parametrize("table, key, words", [
-    ({"account": "a", "user": "u", "password": "pw-1", "token": "tk-1"}, "connections.sf", "exactly one way"),
+    ({"account": "a", "user": "u", "password": "pw-1", "token": "tok-1"}, "connections.sf", "exactly one way"),
     ({"account": "a", "user": "u"}, "connections.sf", "got none"),
-    ({"account": "a", "user": "u", "password": "pw-1", "private_key_passphrase": "pp-1"},
+    ({"account": "a", "user": "u", "password": "pw-1", "private_key_passphrase": "pass-1"},
      "connections.sf.private_key_passphrase", "only with private_key_file"),
     ({"account": "a", "password": "pw-1"}, "connections.sf.user", "required"),
     ({"account": "a", "user": "u", "password": "pw-1", "timestamp_ntz_zone": "Mars/Base"},

@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from ..core.config import BusSection
-from .mqtt import base_topic, make_client, publish_properties
+from .mqtt import base_topic, make_client, publish_properties, send_without_delay
 
 
 async def send_request(bus: BusSection, instance: str, command: str, body: dict[str, Any], *, timeout: float = 10.0,
@@ -21,6 +21,7 @@ async def send_request(bus: BusSection, instance: str, command: str, body: dict[
     body = {**body, "transaction": body.get("transaction", token)}
     client_id = f"ingestd-cli-{random.getrandbits(32):08x}"
     async with make_client(bus, client_id, username=username, password=password) as client:
+        send_without_delay(client)
         props = None
         if bus.protocol == "5":
             reply = f"{base}/response/{command}/{token}"

@@ -37,7 +37,7 @@ from ..engine.runtime import Runtime
 from ..service.control import Control
 from ..service.requests import answer, handle
 from ..service.views import retained_source_state
-from .mqtt import base_topic, make_client, publish_properties
+from .mqtt import base_topic, make_client, publish_properties, send_without_delay
 
 log = logs.get("ingestd.bus")
 RETAINED_REQUEST = ("a retained request is ignored: requests are acted on when they are sent, never replayed from "
@@ -125,6 +125,7 @@ class Bus:
             client = make_client(self.cfg, self.client_id, will=self._will())
             try:
                 async with client:
+                    send_without_delay(client)
                     self.client = client
                     attempt = 0
                     self.connected_at = _now()
