@@ -23,8 +23,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.broker import Mosquitto, find, free_port
+from tests.http_support import call
 from tests.support import Warehouse, cli_env, ingestd, spawn_ingestd, wait_for
 from tests.test_bus import Collector, request
+from tests.test_webhook import HookServer
 
 D = dt.date(2026, 11, 20)
 
@@ -34,7 +36,8 @@ def canary(name: str) -> str:
 
 
 CANARIES = {k: canary(k) for k in ("bus", "rs", "rskey", "sfpw", "sfpass", "sftoken", "bqid", "bqkey", "dbxtoken",
-                                   "dbxsecret")}
+                                   "dbxsecret", "hook")}
+CANARIES["http"] = canary("httptoken") + "x" * 8  # the listener wants a token of 16 characters or more
 
 
 def rsa_pem(passphrase: str | None = None) -> str:
@@ -44,7 +47,7 @@ def rsa_pem(passphrase: str | None = None) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, crypt).decode()
 
 
-def config(tmp_path: Path, port: int) -> Path:
+def config(tmp_path: Path, port: int, http_port: int, hook_url: str) -> Path:
     sf_key = tmp_path / "sf_key.p8"
     sf_key.write_text(rsa_pem(CANARIES["sfpass"]))
     bq_key_pem = rsa_pem()
@@ -74,6 +77,17 @@ reconnect_max_seconds = 1.0
 [sinks.main]
 type = "duckdb"
 path = "analytics.duckdb"
+
+[http]
+port = {http_port}
+token_env = "CANARY_HTTP"
+refresh_seconds = 0
+
+[observers.hook]
+type = "webhook"
+url = "{hook_url}"
+events = ["*"]
+secret_env = "CANARY_HOOK"
 
 [connections.wh]
 type = "duckdb"
@@ -240,11 +254,21 @@ def state_dump(db: Path) -> str:
         con.close()
 
 
-def test_no_canary_reaches_any_channel(tmp_path, secure_broker):
+@pytest.fixture
+def hook_server():
+    server = HookServer()
+    yield server
+    server.close()
+
+
+def test_no_canary_reaches_any_channel(tmp_path, secure_broker, hook_server):
     warehouse = Warehouse(tmp_path / "warehouse.duckdb")
     warehouse.add_events(D, 30)
-    cfg = config(tmp_path, secure_broker.port)
-    env = cli_env(CANARY_BUS=CANARIES["bus"], CANARY_RS=CANARIES["rs"], CANARY_RSKEY=CANARIES["rskey"],
+    http_port = free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    cfg = config(tmp_path, secure_broker.port, http_port, hook_server.url)
+    env = cli_env(CANARY_HTTP=CANARIES["http"], CANARY_HOOK=CANARIES["hook"],
+                  CANARY_BUS=CANARIES["bus"], CANARY_RS=CANARIES["rs"], CANARY_RSKEY=CANARIES["rskey"],
                   CANARY_SFPW=CANARIES["sfpw"], CANARY_SFPASS=CANARIES["sfpass"], CANARY_SFTOKEN=CANARIES["sftoken"],
                   CANARY_DBXTOKEN=CANARIES["dbxtoken"], CANARY_DBXSECRET=CANARIES["dbxsecret"],
                   INGESTD_BUS_USERNAME="operator", INGESTD_BUS_PASSWORD="operator-pw-c41d2")
@@ -280,6 +304,21 @@ def test_no_canary_reaches_any_channel(tmp_path, secure_broker):
         wait_for(lambda: any("backfill.done" in p for _, p, _ in watcher.messages), what="the backfill")
         wait_for(lambda: sum("load.failed" in p for _, p, _ in watcher.messages) >= 3, what="the failed loads")
         cli("request", "status")
+        cli("status", "--json")
+        cli("status", "--calendar")
+        answers = [call("GET", f"{base}{path}") for path in ("/", "/metrics", "/healthz", "/readyz",
+                                                               "/api/v1/status", "/api/v1/status?source=leaky",
+                                                               "/api/v1/calendar")]
+        answers += [call("POST", f"{base}/api/v1/reload", json.dumps({"source": "leaky", "day": D.isoformat()})
+                         .encode(), token=CANARIES["http"]),
+                    call("POST", f"{base}/api/v1/backfill", json.dumps({"source": CANARIES["rs"], "from": "2026-11-19",
+                                                                          "to": "2026-11-20"}).encode(),
+                         token=CANARIES["http"]),
+                    call("POST", f"{base}/api/v1/reload", b"{}", token="wrong-token-0123456789")]
+        assert answers[0][0] == 200 and "leaky" in answers[0][1]
+        outputs += [f"{status} {json.dumps(body) if not isinstance(body, str) else body} {json.dumps(headers)}"
+                    for status, body, headers in answers]
+        wait_for(lambda: len(hook_server.requests) >= 3, what="webhook deliveries")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -291,7 +330,10 @@ def test_no_canary_reaches_any_channel(tmp_path, secure_broker):
     files = [p.read_bytes().decode(errors="replace") for p in tmp_path.rglob("*")
              if p.is_file() and p.name not in ("daemon.toml", "sf_key.p8", "bq_key.json", "passwd")
              and "broker" not in p.parts]
-    channels = {"cli and daemon output": outputs, "mqtt": messages, "state store": [stored], "files": files}
+    hooks = [json.dumps(r["headers"]) + r["body"].decode(errors="replace") for r in hook_server.requests]
+    assert any("load.failed" in h and "***" in h for h in hooks), "a webhook carries the masked canary"
+    channels = {"cli, daemon and http output": outputs, "mqtt": messages, "state store": [stored], "files": files,
+                "webhooks": hooks}
     for name, value in CANARIES.items():
         for channel, texts in channels.items():
             leaks = [t for t in texts if value in t]
