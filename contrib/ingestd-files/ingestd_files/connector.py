@@ -213,7 +213,7 @@ def _connect(files: list[str], file_format: str, threads: int) -> duckdb.DuckDBP
 class FilesConnector(Connector):
     type_name = "files"
     config_model = FilesConfig
-    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"')
+    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"', row_limit=True)
 
     def __init__(self, config: FilesConfig, *, name: str):
         super().__init__(config, name=name)
