@@ -40,6 +40,7 @@ from .core.events import (
                         LoadFailed,
                         LoadStarted,
                         LoadSucceeded,
+                        SchemaChanged,
 )
 from .core.models import Secret, build_model
 from .core.query import DayQuery, DayWindow, day_query, quote_ident
@@ -59,6 +60,6 @@ __all__ = [
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",
     "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged", "CheckHeld",
-    "CheckUnchanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",
+    "CheckUnchanged", "SchemaChanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",
     "DaemonStopping",
 ]

@@ -15,6 +15,23 @@ from ...service.views import status_report
 from ..registry import EXIT_OK, EXIT_USAGE, Command, days_arg, setup
 
 
+def schema_line(schema: dict[str, Any] | None, days: int) -> str | None:
+    """The last change of the source's result schema: while no load has taken it yet, or when it
+    was seen within the days shown."""
+    change = schema and schema["change"]
+    if not change:
+        return None
+    recent = dt.date.fromisoformat(change["day"]) >= dt.date.today() - dt.timedelta(days=days)
+    if not (change["pending"] or recent):
+        return None
+    line = f"  schema changed (seen by a {change['seen_by']} of {change['day']}): {change['summary']}"
+    if change["pending"] and change["blocking"] and change.get("fix"):
+        line += f"; {', '.join(change['mapped'])}: {change['fix']}"
+    elif not change["pending"]:
+        line += " (taken by a later load)"
+    return line
+
+
 class Status(Command):
     name = "status"
     help = "per source: next windows; per day: status, rows, generation"
@@ -55,6 +72,8 @@ class Status(Command):
                 if load["day"] not in shown:
                     print(f"  {load['day']}  loading    loading gen {load['generation']} "
                           f"({load['rows_so_far']:,} rows so far, {load['trigger']})")
+            if (line := schema_line(s["schema"], args.days)) is not None:
+                print(line)
             for d in s["days"]:
                 ready = "  (marked ready)" if d["ready_at"] else ""
                 print(f"  {d['day']}  {d['state']:<9}  {d['summary']}{ready}")
