@@ -9,6 +9,8 @@ from .core.contracts import (
                         Capabilities,
                         Connector,
                         Kind,
+                        Observer,
+                        ObserverStats,
                         PartitionInfo,
                         ProbeResult,
                         Registry,
@@ -42,6 +44,7 @@ from .core.events import (
                         LoadSucceeded,
                         SchemaChanged,
 )
+from .core.logs import get as get_logger
 from .core.models import Secret, build_model
 from .core.query import DayQuery, DayWindow, day_query, quote_ident
 from .core.schema import EVENTS_SCHEMA, METRICS_SCHEMA, SCHEMAS
@@ -52,10 +55,10 @@ from .plugin.configured import configured_sink
 
 __all__ = [
     "API_VERSION", "hookimpl",
-    "Connector", "Sink", "Registry", "Capabilities", "ProbeResult", "SourceInfo", "Target",
+    "Connector", "Sink", "Observer", "ObserverStats", "Registry", "Capabilities", "ProbeResult", "SourceInfo", "Target",
     "PartitionInfo", "Kind", "DayQuery", "DayWindow", "day_query", "quote_ident",
     "EVENTS_SCHEMA", "METRICS_SCHEMA", "SCHEMAS",
-    "Secret", "build_model", "configured_sink", "scrub", "pem_lines",
+    "Secret", "build_model", "configured_sink", "get_logger", "scrub", "pem_lines",
     "ThreadStream", "Outlet", "ThreadSession", "Rechunker", "rechunk",
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",

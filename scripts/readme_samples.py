@@ -1,5 +1,5 @@
 """Copy every built-in plugin's sample configuration (`plugins/NAME/sample.toml`) into
-README.md between the sample markers: connectors first, then sinks, each by name.
+README.md between the sample markers: connectors first, then sinks, then observers, each by name.
 
     python scripts/readme_samples.py          # rewrite README.md
     python scripts/readme_samples.py --check  # exit 1 if README.md is out of date
@@ -12,21 +12,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- samples:begin -->", "<!-- samples:end -->"
-SECTIONS = ("[connections.", "[sinks.")
+SECTIONS = ("[connections.", "[sinks.", "[observers.")
 
 
 def section(text: str) -> str:
-    """The sample's table header: `[connections.NAME]` or `[sinks.NAME]`."""
+    """The sample's table header: `[connections.NAME]`, `[sinks.NAME]` or `[observers.NAME]`."""
     for line in text.splitlines():
         if line.startswith(SECTIONS):
             return line.strip()
-    raise ValueError("no [connections.NAME] or [sinks.NAME] table")
+    raise ValueError("no [connections.NAME], [sinks.NAME] or [observers.NAME] table")
 
 
 def samples() -> list[Path]:
-    """Every plugin folder's sample.toml, connectors first, then sinks, by folder name."""
+    """Every plugin folder's sample.toml, connectors first, then sinks, then observers, by folder name."""
     found = sorted((ROOT / "plugins").glob("*/sample.toml"))
-    return sorted(found, key=lambda p: (not section(p.read_text()).startswith(SECTIONS[0]), p.parent.name))
+    return sorted(found, key=lambda p: (next(i for i, s in enumerate(SECTIONS) if section(p.read_text()).startswith(s)),
+                                        p.parent.name))
 
 
 def render() -> str:

@@ -572,7 +572,8 @@ def test_plugins_json_shows_distribution_version_api_types_and_load_error(tmp_pa
     env = cli_env([extra])
     infos = {i["name"]: i for i in json.loads(ingestd("plugins", "--json", env=env, check=True).stdout)}
     assert infos["listed"] == {"name": "listed", "module": "listed", "distribution": "listed", "version": "2.3.4",
-                               "api": [2, 3], "connectors": ["listedwh"], "sinks": ["listedsink"], "error": None}
+                               "api": [2, 3], "connectors": ["listedwh"], "sinks": ["listedsink"], "observers": [],
+                               "error": None}
     assert infos["crashy"]["error"] == "RuntimeError: this plugin is broken on purpose"
     crashy_info = infos["crashy"]
     assert (crashy_info["distribution"], crashy_info["version"], crashy_info["api"]) == ("crashy", "0.0.1", None)
@@ -580,7 +581,8 @@ def test_plugins_json_shows_distribution_version_api_types_and_load_error(tmp_pa
     assert "declares no INGESTD_API" in infos["undeclared"]["error"]
     version = importlib.metadata.version("ingestd")
     assert infos["duckdb"] == {"name": "duckdb", "module": "ingestd.plugins.duckdb", "distribution": "ingestd",
-                               "version": version, "api": [2, 2], "connectors": ["duckdb"], "sinks": [], "error": None}
+                               "version": version, "api": [2, 2], "connectors": ["duckdb"], "sinks": [],
+                               "observers": [], "error": None}
     assert infos["duckdb_sink"]["sinks"] == ["duckdb"]
 
     text = ingestd("plugins", env=env, check=True).stdout

@@ -52,8 +52,10 @@ def _plugin_table(path: Path) -> tuple[str, str, dict, type]:
     (name, values), = body.items()
     loaded = load_plugins()
     kind = values.pop("type")
-    cls = (loaded.registry.connectors if section == "connections" else loaded.registry.sinks)[kind]
-    provider = loaded.registry.provided_by[("connector" if section == "connections" else "sink", kind)]
+    what = {"connections": "connector", "sinks": "sink", "observers": "observer"}[section]
+    cls = {"connector": loaded.registry.connectors, "sink": loaded.registry.sinks,
+           "observer": loaded.registry.observers}[what][kind]
+    provider = loaded.registry.provided_by[(what, kind)]
     assert provider == path.parent.name, f"{path}: type {kind!r} is provided by plugin {provider}"
     return section, name, values, cls.config_model
 

@@ -94,6 +94,12 @@ class Bus:
         if event.source:
             self.dirty_sources.add(event.source)
 
+    def health(self) -> tuple[bool, str]:
+        """Readiness for `/readyz`: connected to the broker."""
+        if self.connected.is_set():
+            return True, f"connected to {self.cfg.host}:{self.cfg.port}"
+        return False, f"not connected to {self.cfg.host}:{self.cfg.port}"
+
     def _closing(self) -> bool:
         """Whether close() began: it runs while run() awaits, so read the flag afresh."""
         return self.closing

@@ -1,4 +1,7 @@
-"""`ingestd ...`: run the daemon, load or backfill days, show status, usage and plugins."""
+"""`ingestd ...`: run the daemon, load or backfill days, show status, usage and plugins.
+
+Global options (`-c/--config`, `--log-level`) go before or after the subcommand; a
+subcommand's positionals may follow its options."""
 
 from __future__ import annotations
 
@@ -6,25 +9,58 @@ import argparse
 import io
 import os
 import sys
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from ..core.errors import ConfigErrors, IngestdError, StateError
 from ..core.memory import use_system_memory_pool
 from ..core.secrets import scrub
+from ..plugin import API_VERSION
 from . import commands  # noqa: F401  (registers every subcommand)
-from .registry import EXIT_FAILED, EXIT_USAGE, REGISTERED
+from .registry import EXIT_FAILED, EXIT_USAGE, OPTIONS, REGISTERED, ingestd_version
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes positionals after options too
+    (`ingestd request backfill --from D --to D SRC`): argparse's intermixed parsing, which it
+    cannot apply to a parser with subcommands, applied to each subcommand's own parser."""
+
+    _mixing = False
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    default_config = os.environ.get("INGESTD_CONFIG", "daemon.toml")
+    p.add_argument("-c", "--config", default=default_config if defaults else argparse.SUPPRESS,
+                   help="config file (default: $INGESTD_CONFIG or ./daemon.toml)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None if defaults else argparse.SUPPRESS,
+                   help="log level for this run, instead of [daemon] log_level")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ingestd", description=__doc__)
-    p.add_argument("-c", "--config", default=os.environ.get("INGESTD_CONFIG", "daemon.toml"),
-                   help="config file (default: $INGESTD_CONFIG or ./daemon.toml)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="ingestd", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"ingestd {ingestd_version()} (plugin API {API_VERSION}, Python {sys.version.split()[0]})")
+    _global_options(p, defaults=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
     for name, cls in REGISTERED.items():
         command = cls()
         epilog = f"example:\n  {cls.example}" if cls.example else None
         sp = sub.add_parser(name, help=cls.help, description=cls.help, epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        _global_options(sp, defaults=False)
         command.arguments(sp)
         sp.set_defaults(handler=command.run)
     return p
@@ -67,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
+    OPTIONS.log_level = args.log_level
     use_system_memory_pool()
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught by main()
+        return code
     except ConfigErrors as exc:
         print("configuration error:", file=sys.stderr)
         for e in exc.errors:

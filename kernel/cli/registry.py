@@ -8,12 +8,15 @@ import argparse
 import datetime as dt
 import os
 import sys
-from typing import ClassVar, TextIO
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import ClassVar, TextIO, cast
 
 from ..core import logs
 from ..core.config import Config, load_config
 from ..core.secrets import register
 from ..plugin.manager import LoadedPlugins, load_plugins
+from . import terminal
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -22,6 +25,23 @@ EXIT_USAGE = 2
 """Bad config or usage."""
 
 REGISTERED: dict[str, type[Command]] = {}
+
+
+@dataclass
+class Options:
+    """Global options of this invocation that `setup` applies (`--log-level`)."""
+
+    log_level: str | None = None
+
+
+OPTIONS = Options()
+
+
+def ingestd_version() -> str:
+    try:
+        return version("ingestd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Command:
@@ -48,12 +68,13 @@ class Command:
 
 def setup(path: str, *, log_to: TextIO = sys.stderr) -> tuple[Config, LoadedPlugins]:
     """Plugins loaded, the config read and validated, its secrets registered for scrubbing, files
-    this process creates readable by their owner only (`[daemon] umask`), logging configured."""
+    this process creates readable by their owner only (`[daemon] umask`), logging configured (at
+    `--log-level` when given, else `[daemon] log_level`), above a progress bar when one is drawn."""
     plugins = load_plugins()
     config = load_config(path, plugins.registry, plugins.errors())
     register(config.secrets())
     os.umask(int(config.daemon.umask, 8))
-    logs.configure(config.daemon.log_level, stream=log_to)
+    logs.configure(OPTIONS.log_level or config.daemon.log_level, stream=cast(TextIO, terminal.LogStream(log_to)))
     return config, plugins
 
 

@@ -1,12 +1,14 @@
 """daemon.toml -> typed config. Every error names the file and the key path.
 
-The file has `[daemon]`, `[bus]`, `[sinks.NAME]`, `[connections.NAME]` and `[sources.NAME]`
-tables. A connection's or sink's table is validated by the config model of the plugin that
-provides its `type`. Relative paths are taken from the config file's folder.
+The file has `[daemon]`, `[bus]`, `[http]`, `[sinks.NAME]`, `[connections.NAME]`,
+`[sources.NAME]` and `[observers.NAME]` tables. A connection's, sink's or observer's table is
+validated by the config model of the plugin that provides its `type`. Relative paths are taken
+from the config file's folder.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .contracts import Connector, Registry, Sink
+from .contracts import Connector, Observer, Registry, Sink
 from .errors import ConfigError, ConfigErrors
 from .models import BASE_DIR, Secret, UnsetVariable, build_model, expand_env, redact, secret_values
 from .query import placeholder_mistakes, uses_placeholders
@@ -71,6 +73,50 @@ class BusSection:
     max_payload_bytes: int = 65536
     heartbeat_seconds: float = 60.0
     """How often the retained online state's `heartbeat_at` is refreshed."""
+
+
+@dataclass
+class HttpSection:
+    """`[http]`: the HTTP listener (status page, `/metrics`, `/healthz`, `/readyz`, the control
+    API under `/api/v1/`). Off when the table is absent.
+
+    Write endpoints need `Authorization: Bearer <token>`. Without `token` (`token_env`,
+    `token_file`) the daemon makes a random one at each start and writes it, readable by its
+    user only, to `<state_path>.http-token`, where the CLI (and an operator with `cat`) finds
+    it. A listener on an address other than loopback needs a configured token."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8470
+    token: Secret | None = None
+    max_body_bytes: int = 65536
+    refresh_seconds: int = 30
+    calendar_days: int = 35
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError("port", "must be 0..65535 (0: any free port)")
+        if self.max_body_bytes < 1:
+            raise ConfigError("max_body_bytes", "must be at least 1")
+        if not 1 <= self.calendar_days <= 366:
+            raise ConfigError("calendar_days", "must be 1..366")
+        if self.refresh_seconds < 0:
+            raise ConfigError("refresh_seconds", "must not be negative (0: the page does not refresh)")
+        if self.token is None and not is_loopback(self.host):
+            raise ConfigError("host", f"{self.host!r} is not a loopback address: give token_env or token_file "
+                                      "so that the control API is not open to the network")
+        if self.token is not None and len(self.token.reveal()) < 16:
+            raise ConfigError("token", "must be at least 16 characters")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine: `localhost`, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 DEFAULT_RECHECK_SCHEDULE = ["0 */6 * * *"]
@@ -135,6 +181,11 @@ class Config:
     sinks: dict[str, Plugged]
     connections: dict[str, Plugged]
     sources: dict[str, SourceSection]
+    http: HttpSection | None = None
+    observers: dict[str, Plugged] = field(default_factory=dict)
+
+    def http_enabled(self) -> bool:
+        return self.http is not None and self.http.enabled
 
     def sink_of(self, source: str) -> str:
         return self.sources[source].sink or next(iter(self.sinks))
@@ -148,17 +199,18 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value of this config: each `Secret` field, and what the plugins derive from
         structured secrets (the fields of a key file). `ingestd.core.secrets` scrubs them."""
-        values = secret_values(self.bus)
-        for plugged in (*self.sinks.values(), *self.connections.values()):
+        values = secret_values(self.bus) + secret_values(self.http)
+        for plugged in (*self.sinks.values(), *self.connections.values(), *self.observers.values()):
             values += secret_values(plugged.config) + plugged.derived_secrets
         return [v for v in values if v]
 
     def redacted(self) -> dict[str, Any]:
         return {
-            "daemon": redact(self.daemon), "bus": redact(self.bus),
+            "daemon": redact(self.daemon), "bus": redact(self.bus), "http": redact(self.http),
             "sinks": {k: {"type": v.type, **redact(v.config)} for k, v in self.sinks.items()},
             "connections": {k: {"type": v.type, **redact(v.config)} for k, v in self.connections.items()},
             "sources": {k: redact(v) for k, v in self.sources.items()},
+            "observers": {k: {"type": v.type, **redact(v.config)} for k, v in self.observers.items()},
         }
 
 
@@ -167,7 +219,7 @@ def resolve_path(config_file: Path, raw: str) -> Path:
     return path if path.is_absolute() else (config_file.parent / path).resolve()
 
 
-KNOWN_TOP = {"daemon", "bus", "sinks", "connections", "sources"}
+KNOWN_TOP = {"daemon", "bus", "http", "sinks", "connections", "sources", "observers"}
 
 
 def load_config(path: str | os.PathLike[str], registry: Registry,
@@ -205,6 +257,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
         raw = tomllib.loads(file.read_text())
     except FileNotFoundError:
         raise ConfigErrors([ConfigError("", "config file not found", file=str(file))]) from None
+    except OSError as exc:
+        raise ConfigErrors([ConfigError("", f"cannot read the config file: {exc.strerror or exc}",
+                                        file=str(file))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"not valid TOML: {exc}", file=str(file))]) from None
     errors: list[ConfigError] = []
@@ -248,9 +303,14 @@ def _load(file: Path, raw: dict[str, Any], registry: Registry, plugin_errors: di
             errors.append(ConfigError(key, f"unknown section (known: {', '.join(sorted(KNOWN_TOP))})"))
     daemon = section(DaemonSection, raw.get("daemon", {}), "daemon") or DaemonSection()
     bus = section(BusSection, raw.get("bus", {}), "bus") or BusSection()
+    http = section(HttpSection, raw["http"], "http") if isinstance(raw.get("http"), dict) else None
+    if "http" in raw and not isinstance(raw["http"], dict):
+        errors.append(ConfigError("http", "expected a table"))
     sinks = _plugged(raw.get("sinks", {}), "sinks", registry.sinks, "sink", errors, plugin_errors, registry)
     connections = _plugged(raw.get("connections", {}), "connections", registry.connectors, "connector",
                            errors, plugin_errors, registry)
+    observers = _plugged(raw.get("observers", {}), "observers", registry.observers, "observer", errors,
+                         plugin_errors, registry)
     if not sinks and not any(e.path.startswith("sinks") for e in errors):
         errors.append(ConfigError("sinks", "no sink configured: add a [sinks.NAME] table"))
     sources: dict[str, SourceSection] = {}
@@ -272,10 +332,10 @@ def _load(file: Path, raw: dict[str, Any], registry: Registry, plugin_errors: di
         for e in errors:
             e.file = str(file)
         raise ConfigErrors([ConfigError(e.path, e.message, file=str(file)) for e in errors])
-    return Config(file, daemon, bus, sinks, connections, sources)
+    return Config(file, daemon, bus, sinks, connections, sources, http, observers)
 
 
-def _plugged(tables: Any, where: str, types: ReadOnlyMap[str, type[Connector] | type[Sink]], what: str,
+def _plugged(tables: Any, where: str, types: ReadOnlyMap[str, type[Connector] | type[Sink] | type[Observer]], what: str,
              errors: list[ConfigError], plugin_errors: dict[str, str], registry: Registry) -> dict[str, Plugged]:
     out: dict[str, Plugged] = {}
     if not isinstance(tables, dict):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 import pyarrow as pa
 
 from .errors import PluginError
+from .events import Event
 from .query import DayQuery, ParamStyle, limit_query
 
 Kind = Literal["events", "metrics"]
@@ -204,12 +205,64 @@ class Sink(ABC):
         """Flush and release the store."""
 
 
+OUTCOMES = ("delivered", "retried", "failed", "dropped")
+
+
+class ObserverStats:
+    """What an observer did with the events it was given, by outcome: `delivered`, `retried` (an
+    attempt failed and will be tried again), `failed` (given up after its retries) and `dropped`
+    (refused: the queue was full, or the observer was closing). The daemon shows them in
+    `/metrics` as `ingestd_observer_deliveries_total{observer, outcome}`."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        if outcome not in self.counts:
+            raise ValueError(f"unknown outcome {outcome!r} (outcomes: {', '.join(OUTCOMES)})")
+        self.counts[outcome] += n
+
+
+class Observer(ABC):
+    """Tells something outside the daemon about its events (a webhook, a chat channel, an audit
+    log): one instance per `[observers.NAME]` table, made and opened when the process starts.
+
+    `observe` is called in the event loop for every committed event, so it must return at once:
+    queue the event and deliver it from a task or a thread that `open` starts. A slow or dead
+    endpoint must never delay a load. Count what happens to each event in `self.stats`. Since API
+    version 2 (additive)."""
+
+    type_name: ClassVar[str]
+    config_model: ClassVar[type]
+
+    def __init__(self, config: Any, *, name: str):
+        self.config = config
+        self.name = name
+        self.stats = ObserverStats()
+
+    @classmethod
+    def secret_values(cls, config: Any) -> list[str]:
+        """As `Connector.secret_values`: secrets inside this config beyond its `Secret` fields."""
+        return []
+
+    async def open(self) -> None:  # noqa: B027  (optional: nothing to start by default)
+        """Start delivering (a task, a thread, a session)."""
+
+    @abstractmethod
+    def observe(self, event: Event) -> None:
+        """Take one event: synchronous, non-blocking (queue it; never do I/O here)."""
+
+    async def close(self) -> None:  # noqa: B027  (optional: nothing to flush by default)
+        """Deliver what is queued within a bounded time (a few seconds), then stop."""
+
+
 @dataclass
 class Registry:
-    """Passed to `ingestd_register`: plugins add connector and sink classes by type name."""
+    """Passed to `ingestd_register`: plugins add connector, sink and observer classes by type name."""
 
     connectors: dict[str, type[Connector]] = field(default_factory=dict)
     sinks: dict[str, type[Sink]] = field(default_factory=dict)
+    observers: dict[str, type[Observer]] = field(default_factory=dict)
     provided_by: dict[tuple[str, str], str] = field(default_factory=dict)
     _current_plugin: str = "?"
 
@@ -218,6 +271,9 @@ class Registry:
 
     def add_sink(self, cls: type[Sink]) -> None:
         self._add("sink", self.sinks, cls, Sink)
+
+    def add_observer(self, cls: type[Observer]) -> None:
+        self._add("observer", self.observers, cls, Observer)
 
     def _add(self, what: str, table: dict[str, Any], cls: type, base: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import sys
 import threading
@@ -115,7 +116,8 @@ def configure(level: str = "info", json_output: bool | None = None, stream: Text
     out = writer_for(stream or sys.stdout)
     if json_output is None:
         json_output = not out.isatty()
-    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(
+        colors=os.environ.get("NO_COLOR", "") == "")  # no-color.org
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -30,7 +30,7 @@ from ..core.events import CheckChanged, CheckHeld, CheckUnchanged, LoadEmpty, Lo
 from ..core.schema import RowMapper
 from . import drift
 from .job import Job
-from .runtime import Runtime, event
+from .runtime import Runtime, SinkUnavailable, event
 from .slices import fetch_slices
 from .state import PartitionRow
 
@@ -112,9 +112,13 @@ async def ready_answer(job: Job, day: dt.date) -> bool:
 
 
 async def load_day(rt: Runtime, source: str, day: dt.date, trigger: str, **kw: Any) -> Outcome:
-    """`load_partition` on a job of `source` taken now."""
-    async with rt.job(source) as job:
-        return await load_partition(rt, job, day, trigger, **kw)
+    """`load_partition` on a job of `source` taken now; a failed outcome, with no run recorded,
+    while the source's sink cannot be opened."""
+    try:
+        async with rt.job(source) as job:
+            return await load_partition(rt, job, day, trigger, **kw)
+    except SinkUnavailable as exc:
+        return Outcome("failed", reason=str(exc))
 
 
 async def load_partition(rt: Runtime, job: Job, day: dt.date, trigger: str, *,

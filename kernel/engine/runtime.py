@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from ..core import logs
 from ..core.config import Config
-from ..core.contracts import Connector, Sink
+from ..core.contracts import Connector, Observer, Sink
 from ..core.errors import ConfigError, ConfigErrors, IngestdError
 from ..core.events import Event
 from ..core.secrets import SECRETS, scrub_value
@@ -33,23 +33,42 @@ class SourceGone(IngestdError):
     """The source was removed from the config (a reload) before its work could start."""
 
 
+LOG_LEVELS = {"load.failed": "error", "check.held": "warning", "schema.changed": "warning"}
+"""Events logged above `info`: a failure, or a change that waits for the user."""
+
+
+class SinkUnavailable(IngestdError):
+    """A source's sink is not open (the daemon keeps trying to open it)."""
+
+
 class Dispatcher:
-    """Hands committed events to the log and to every `ingestd_event` hook, one observer's
-    failure isolated from the others."""
+    """Hands committed events to the log, to every `ingestd_event` hook, to the configured
+    observers (`[observers.NAME]`) and to the process's listeners (the bus, the metrics), one
+    observer's failure isolated from the others."""
 
     def __init__(self, plugins: LoadedPlugins):
         self.plugins = plugins
         self.listeners: list[Callable[[Event], None]] = []
+        self.observers: list[Observer] = []
+        self.hook_failures: dict[str, int] = {}
 
     def __call__(self, events: list[Event]) -> None:
         for event in (_scrubbed(e) for e in events):
             fields = {"source": event.source, "day": event.day.isoformat() if event.day else None,
                       "run_id": event.run_id, **event.data}
-            log.info(event.type, **{k: v for k, v in fields.items() if v is not None})
+            getattr(log, LOG_LEVELS.get(event.type, "info"))(
+                event.type, **{k: v for k, v in fields.items() if v is not None})
+            for observer in list(self.observers):
+                try:
+                    observer.observe(event)
+                except Exception as exc:
+                    observer.stats.count("dropped")
+                    log.warning("observer.failed", observer=observer.name, error=repr(exc))
             for impl in self.plugins.manager.hook.ingestd_event.get_hookimpls():
                 try:
                     impl.function(event=event)
                 except Exception as exc:
+                    self.hook_failures[impl.plugin_name] = self.hook_failures.get(impl.plugin_name, 0) + 1
                     log.warning("plugin.event_hook_failed", plugin=impl.plugin_name, error=repr(exc))
             for listener in list(self.listeners):
                 try:
@@ -89,23 +108,73 @@ class Runtime:
         self._connectors: dict[str, _Shared[Connector]] = {}
         self._sinks: dict[str, _Shared[Sink]] = {}
         self._retired: list[_Shared[Connector] | _Shared[Sink]] = []
+        self.observers: dict[str, Observer] = {}
+        self.sink_errors: dict[str, str] = {}
+        """Sinks that could not be opened yet (`open(sinks_required=False)`), with the error."""
         self.slots = asyncio.Semaphore(config.daemon.max_concurrent_loads)
         self._partition_locks: dict[tuple[str, dt.date], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.activity: dict[str, str] = {}
         self.stopping = asyncio.Event()
 
-    async def open(self) -> Runtime:
+    async def open(self, *, sinks_required: bool = True) -> Runtime:
+        """Open the state store, the observers and the sinks. With `sinks_required` False (the
+        daemon), a sink that cannot be opened is recorded in `sink_errors` instead of failing:
+        `open_sinks` tries again, and the daemon reports itself not ready meanwhile."""
         check_capabilities(self.config, self.plugins)
         logs.set_secrets(self.config.secrets())
         await self.state.open()
         try:
-            self._sinks = {name: _Shared(sink) for name, sink in (await open_sinks(self.config, self.plugins)).items()}
+            await self._open_observers()
+            if sinks_required:
+                self._sinks = {name: _Shared(s) for name, s in (await open_sinks(self.config, self.plugins)).items()}
+            else:
+                await self.open_sinks()
         except BaseException:
             await self.close()
             raise
         return self
 
+    async def open_sinks(self) -> bool:
+        """Try to open every configured sink not open yet; True when all are open."""
+        self.sink_errors = {}
+        for name in self.config.sinks:
+            if name in self._sinks:
+                continue
+            try:
+                opened = await open_sinks(self.config, self.plugins, only={name})
+            except ConfigError as exc:
+                self.sink_errors[name] = exc.message
+                continue
+            self._sinks.update((n, _Shared(sink)) for n, sink in opened.items())
+        return not self.sink_errors
+
+    def sink_error(self, name: str) -> str | None:
+        """None when sink `name` is open, else why not."""
+        return None if name in self._sinks else self.sink_errors.get(name, "not opened yet")
+
+    @property
+    def sinks_ready(self) -> bool:
+        return all(name in self._sinks for name in self.config.sinks)
+
+    async def _open_observers(self) -> None:
+        for name, plugged in self.config.observers.items():
+            observer = self.plugins.registry.observers[plugged.type](plugged.config, name=name)
+            try:
+                await observer.open()
+            except Exception as exc:
+                raise ConfigError(f"observers.{name}", f"could not be opened: {exc}", file=str(self.config.file)) \
+                    from exc
+            self.observers[name] = observer
+            self.dispatch.observers.append(observer)
+
     async def close(self) -> None:
+        self.dispatch.observers.clear()
+        for observer in self.observers.values():
+            try:
+                await observer.close()
+            except Exception as exc:
+                log.warning("observer.close_failed", observer=observer.name, error=repr(exc))
+        self.observers.clear()
         for shared in [*self._connectors.values(), *self._sinks.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await shared.resource.close()
@@ -124,6 +193,8 @@ class Runtime:
         return self._connectors[name].resource
 
     def sink(self, name: str) -> Sink:
+        if name not in self._sinks:
+            raise SinkUnavailable(f"sink {name!r} is not open: {self.sink_errors.get(name, 'not opened yet')}")
         return self._sinks[name].resource
 
     def sink_of(self, source: str) -> Sink:
@@ -137,6 +208,7 @@ class Runtime:
         src = config.sources.get(source)
         if src is None:
             raise SourceGone(f"source {source!r} is no longer configured")
+        self.sink(config.sink_of(source))  # SinkUnavailable while it cannot be opened
         self.connector(src.connection)
         connection, sink = self._connectors[src.connection], self._sinks[config.sink_of(source)]
         plugged = config.connections[src.connection]

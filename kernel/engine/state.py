@@ -191,6 +191,22 @@ class StateLock:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
 
+    def holder(self) -> str | None:
+        """The pid of the process holding the lock now, or None when it is free."""
+        if not self.path.exists():
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -532,6 +548,75 @@ class StateStore:
         async with self.transaction() as tx:
             await tx.db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
 
+    # -- reads for the status page and /metrics ------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise unless the database answers (what `/readyz` asks)."""
+        await self._all("SELECT 1")
+
+    async def runs_of(self, source: str, first: dt.date, last: dt.date,
+                      per_day: int = 5) -> dict[dt.date, list[RunRow]]:
+        """The latest `per_day` runs of each day of `source` in [first, last], newest first."""
+        rows = await self._all(
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY day ORDER BY started_at DESC, rowid DESC) AS n"
+            " FROM runs WHERE source = ? AND day >= ? AND day <= ?) WHERE n <= ? ORDER BY day, n",
+            (source, first.isoformat(), last.isoformat(), per_day))
+        out: dict[dt.date, list[RunRow]] = {}
+        for r in rows:
+            d = dict(r)
+            d.pop("n", None)
+            run = _run_from(d)
+            out.setdefault(run.day, []).append(run)
+        return out
+
+    async def run_rejects(self, run_ids: list[str], per_run: int = 3) -> dict[str, dict[str, Any]]:
+        """Per run: rejected rows counted by reason, and up to `per_run` sampled rows."""
+        if not run_ids:
+            return {}
+        marks = ", ".join("?" * len(run_ids))
+        out: dict[str, dict[str, Any]] = {}
+        for r in await self._all(f"SELECT run_id, rejects FROM runs WHERE run_id IN ({marks})", run_ids):
+            out[r["run_id"]] = {"reasons": json.loads(r["rejects"]) if r["rejects"] else {}, "samples": []}
+        rows = await self._all(
+            f"SELECT run_id, reason, row FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY id) AS n"
+            f" FROM rejects WHERE run_id IN ({marks})) WHERE n <= ? ORDER BY run_id, n", [*run_ids, per_run])
+        for r in rows:
+            out.setdefault(r["run_id"], {"reasons": {}, "samples": []})["samples"].append(
+                {"reason": r["reason"], "row": json.loads(r["row"])})
+        return out
+
+    async def partition_counts(self) -> dict[tuple[str, str], int]:
+        """Days per (source, status) in the whole state store."""
+        rows = await self._all("SELECT source, status, COUNT(*) FROM partitions GROUP BY source, status")
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    async def last_loaded_at(self) -> dict[str, str]:
+        """Per source, when its newest successful load finished (ISO-8601)."""
+        rows = await self._all("SELECT source, MAX(finished_at) FROM runs WHERE status = 'succeeded' GROUP BY source")
+        return {r[0]: r[1] for r in rows if r[1]}
+
+    async def outbox_depth(self) -> int:
+        return int(_one(await (await self._db_or_fail().execute("SELECT COUNT(*) FROM outbox")).fetchone(),
+                        "a count")[0])
+
+    async def backfill_progress(self, backfill_id: int) -> dict[str, int]:
+        """A backfill's source-days by status (`total` too) and the rows its loads wrote."""
+        rows = await self._all("SELECT status, COUNT(*) FROM backfill_days WHERE backfill_id = ? GROUP BY status",
+                               (backfill_id,))
+        out = {r[0]: r[1] for r in rows}
+        out["total"] = sum(out.values())
+        out["done"] = out["total"] - out.get("pending", 0)
+        written = await self._all("SELECT COALESCE(SUM(rows_written), 0), COALESCE(SUM(rows_fetched), 0) FROM runs"
+                                  " WHERE backfill_id = ?", (backfill_id,))
+        out["rows"], out["rows_fetched"] = int(written[0][0]), int(written[0][1])
+        return out
+
+    def _db_or_fail(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StateError("the state database is not open")
+        return self._db
+
+
 class ScrubbingConnection:
     """The connection a transaction writes through: every text parameter is scrubbed of the
     configured secrets first (`ingestd.core.secrets`), so error texts, reject samples and outbox
@@ -591,7 +676,10 @@ def _partition(r: sqlite3.Row) -> PartitionRow:
 
 
 def _run(r: sqlite3.Row) -> RunRow:
-    d = dict(r)
+    return _run_from(dict(r))
+
+
+def _run_from(d: dict[str, Any]) -> RunRow:
     d["day"] = dt.date.fromisoformat(d["day"])
     d.pop("rejects", None)
     d.pop("pid", None)

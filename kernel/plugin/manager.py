@@ -30,11 +30,13 @@ class PluginInfo:
     connectors: list[str] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
     error: str | None = None
+    observers: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.target, "distribution": self.distribution,
                 "version": self.version, "api": list(self.api) if self.api else None,
-                "connectors": self.connectors, "sinks": self.sinks, "error": self.error}
+                "connectors": self.connectors, "sinks": self.sinks, "observers": self.observers,
+                "error": self.error}
 
 
 @dataclass
@@ -106,7 +108,7 @@ def _register(pm: pluggy.PluginManager, module: ModuleType, name: str, registry:
     impl = getattr(module, "ingestd_register", None)
     if impl is None:
         return
-    before_c, before_s = set(registry.connectors), set(registry.sinks)
+    before_c, before_s, before_o = set(registry.connectors), set(registry.sinks), set(registry.observers)
     registry._current_plugin = name
     try:
         impl(registry=registry)
@@ -115,8 +117,11 @@ def _register(pm: pluggy.PluginManager, module: ModuleType, name: str, registry:
             registry.connectors.pop(key)
         for key in set(registry.sinks) - before_s:
             registry.sinks.pop(key)
+        for key in set(registry.observers) - before_o:
+            registry.observers.pop(key)
         raise
     finally:
         registry._current_plugin = "?"
     info.connectors = sorted(set(registry.connectors) - before_c)
     info.sinks = sorted(set(registry.sinks) - before_s)
+    info.observers = sorted(set(registry.observers) - before_o)

@@ -23,18 +23,19 @@ from . import hookspec
 
 @hookspec
 def ingestd_register(registry: Registry) -> None:
-    """Add connector and sink classes, by type name, to the registry.
+    """Add connector, sink and observer classes, by type name, to the registry.
 
     :param registry: The registry of this process: call `registry.add_connector(cls)` with a
-        `ingestd.Connector` subclass and `registry.add_sink(cls)` with a `ingestd.Sink`
-        subclass. Each class needs a non-empty `type_name` and a `config_model`.
+        `ingestd.Connector` subclass, `registry.add_sink(cls)` with a `ingestd.Sink` subclass
+        and `registry.add_observer(cls)` with a `ingestd.Observer` subclass (since API 2). Each
+        class needs a non-empty `type_name` and a `config_model`.
     :returns: Nothing; a returned value is ignored.
 
     Called
     ======
     Once per plugin, when the plugin manager loads it (daemon start and every CLI command),
-    before the config is validated, so that `[connections.*]` and `[sinks.*]` tables can name
-    the types it adds.
+    before the config is validated, so that `[connections.*]`, `[sinks.*]` and `[observers.*]`
+    tables can name the types it adds.
 
     Errors
     ======

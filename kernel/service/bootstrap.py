@@ -27,17 +27,25 @@ ServiceFactory = Callable[[Runtime, Control], "Service | None"]
 """Makes a service for a daemon, or None when the config leaves it off."""
 
 
-async def open_runtime(config: Config, plugins: LoadedPlugins) -> Runtime:
-    """The runtime opened (state store locked, sinks open) with interrupted runs settled."""
-    rt = await Runtime(config, plugins).open()
+async def open_runtime(config: Config, plugins: LoadedPlugins, *, sinks_required: bool = True) -> Runtime:
+    """The runtime opened (state store locked, sinks open) with interrupted runs settled. With
+    `sinks_required` False (the daemon), sinks that cannot be opened yet are left to
+    `Daemon.serve`, which settles interrupted runs once they are open."""
+    rt = await Runtime(config, plugins).open(sinks_required=sinks_required)
     try:
-        settled = await recover(rt)
+        if rt.sinks_ready:
+            await settle(rt)
     except BaseException:
         await rt.close()
         raise
+    return rt
+
+
+async def settle(rt: Runtime) -> None:
+    """Settle the runs a killed process left running, from what the sinks hold."""
+    settled = await recover(rt)
     if settled:
         log.info("recovered", runs=len(settled))
-    return rt
 
 
 @contextlib.asynccontextmanager
@@ -56,12 +64,16 @@ async def local_control(config: Config, plugins: LoadedPlugins) -> AsyncIterator
 
 async def make_daemon(config: Config, plugins: LoadedPlugins, services: Sequence[ServiceFactory] = (),
                       notifier: Notifier | None = None) -> Daemon:
-    rt = await open_runtime(config, plugins)
+    rt = await open_runtime(config, plugins, sinks_required=False)
     try:
         tasks = Tasks()
         control = Control(rt, tasks, activity=lambda: ", ".join(sorted(rt.activity.values())) or "idle")
         made = [s for s in (factory(rt, control) for factory in services) if s is not None]
-        return Daemon(rt, control, tasks, services=made, notifier=notifier)
+        for service in made:
+            check = getattr(service, "health", None)
+            if callable(check):
+                control.checks[service.name] = check
+        return Daemon(rt, control, tasks, services=made, notifier=notifier, settle=settle)
     except BaseException:
         await rt.close()
         raise

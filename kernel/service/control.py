@@ -23,7 +23,10 @@ from ..engine.preview import bounded, preview_day
 from ..engine.runtime import Runtime, SourceGone
 from ..engine.state import Backfill
 from .tasks import Tasks
-from .views import status_report
+from .views import calendar_report, local_today, status_report
+
+HealthCheck = Callable[[], tuple[bool, str]]
+"""A service's readiness: (ready, a few words saying why or why not)."""
 
 TRIGGERS = {"ready": "ready", "load": "manual"}
 
@@ -77,6 +80,8 @@ class Control:
         self.rt = rt
         self.tasks = tasks
         self._activity = activity or (lambda: ", ".join(sorted(rt.activity.values())) or "idle")
+        self.checks: dict[str, HealthCheck] = {}
+        """Readiness of the services beside the control layer (the bus), by name; `readiness` asks them."""
 
     def source(self, name: str) -> str:
         if name not in self.rt.config.sources:
@@ -90,6 +95,63 @@ class Control:
         names = [self.source(source)] if source else sorted(self.rt.config.sources)
         report = await status_report(self.rt.config, self.rt.state, names, days, dt.datetime.now(dt.UTC))
         return {**report, "activity": self._activity()}
+
+    async def calendar(self, days: int = 35, source: str | None = None) -> dict[str, Any]:
+        """The status page's data (`views.calendar_report`): each source's last `days` days with
+        their states and runs, running loads and backfills, next windows."""
+        names = [self.source(source)] if source else sorted(self.rt.config.sources)
+        report = await calendar_report(self.rt.config, self.rt.state, names, days, dt.datetime.now(dt.UTC))
+        return {**report, "activity": self._activity(), "instance": self.rt.config.instance()}
+
+    # -- health ----------------------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """Whether this process can do its work: config read, state store answering, every sink
+        open, and each service's own check (the bus connected, when enabled)."""
+        checks: dict[str, dict[str, Any]] = {"config": {"ok": True, "detail": str(self.rt.config.file)}}
+        try:
+            await self.rt.state.ping()
+            checks["state"] = {"ok": True, "detail": "open"}
+        except Exception as exc:
+            checks["state"] = {"ok": False, "detail": str(exc)}
+        for name in self.rt.config.sinks:
+            error = self.rt.sink_error(name)
+            checks[f"sink:{name}"] = {"ok": error is None, "detail": error or "open"}
+        for name, check in self.checks.items():
+            try:
+                ok, detail = check()
+            except Exception as exc:
+                ok, detail = False, repr(exc)
+            checks[name] = {"ok": ok, "detail": detail}
+        return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
+
+    async def metrics(self) -> dict[str, Any]:
+        """What `/metrics` reads from the state store at each scrape: days per source and status,
+        each source's newest loaded day and the day it should have, its last successful load,
+        running loads and backfills, the outbox depth."""
+        now = dt.datetime.now(dt.UTC)
+        state, config = self.rt.state, self.rt.config
+        sources = {}
+        for name, src in config.sources.items():
+            newest = await state.last_loaded_day(name)
+            expected = local_today(now, src.timezone) - dt.timedelta(days=src.lag_days)
+            sources[name] = {"newest": newest, "expected": expected,
+                             "behind": (expected - newest).days if newest else None}
+        backfills = [{"id": b.id, **(await state.backfill_progress(b.id))} for b in await state.backfills("running")]
+        return {"sources": sources, "days": await state.partition_counts(),
+                "last_success": await state.last_loaded_at(),
+                "running": [(r.source, r.trigger) for r in await state.running_runs()], "backfills": backfills,
+                "outbox": await state.outbox_depth() if state.outbox_enabled else 0}
+
+    def waiting_for(self) -> list[str]:
+        """What this process is busy with (loads, backfills), in words, for a second Ctrl-C."""
+        return sorted(self.rt.activity.values())
+
+    def _require_sinks(self, source: str) -> None:
+        error = self.rt.sink_error(self.rt.config.sink_of(source))
+        if error is not None:
+            raise ControlError(f"source {source!r} cannot load now: its sink {self.rt.config.sink_of(source)!r} is not "
+                               f"open ({error}); the daemon keeps trying to open it")
 
     # -- preview -------------------------------------------------------------------------------------
 
@@ -131,6 +193,7 @@ class Control:
         or older than `max_backfill_days`, is refused. With `wait`, returns the outcome; else the
         load runs as a task and the ticket says it was accepted."""
         self.source(source)
+        self._require_sinks(source)
         trigger = TRIGGERS[command]
         if command == "ready":
             self._check_ready_day(source, day)
@@ -171,6 +234,8 @@ class Control:
                               request_id: str | None = None, origin: str = "cli",
                               missing: bool = False) -> tuple[Backfill, bool]:
         """Store a backfill durably (or find the one stored under `request_id`); runs nothing."""
+        for name in self.resolve_sources(source):
+            self._require_sinks(name)
         try:
             b, created = await backfills.submit(self.rt, source, first, last, request_id=request_id, origin=origin,
                                                 missing=missing)

@@ -15,7 +15,7 @@ import functools
 import heapq
 import importlib.metadata
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from ..core import logs
@@ -49,11 +49,19 @@ class Service(Protocol):
     async def close(self) -> None:
         """Flush and stop, at shutdown, after the last load ended."""
 
+    # Optional: `async start()`, awaited before any service runs (the HTTP listener binds its port
+    # there, so a port in use stops the daemon), and `health() -> tuple[bool, str]`, the service's
+    # readiness for `/readyz`.
+
 
 class Daemon:
     def __init__(self, rt: Runtime, control: Control, tasks: Tasks, *, services: Sequence[Service] = (),
-                 notifier: Notifier | None = None):
+                 notifier: Notifier | None = None, settle: Callable[[Runtime], Awaitable[None]] | None = None):
         self.rt = rt
+        self._settle = settle
+        self.stop_requests = 0
+        self.abort = asyncio.Event()
+        """Set by a third stop request: shutdown stops waiting for running loads."""
         self.control = control
         self.tasks = tasks
         self.services = list(services)
@@ -74,7 +82,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: self.tasks.spawn(self.reload(), "reload"))
         try:
             for service in self.services:
+                start = getattr(service, "start", None)
+                if callable(start):  # optional: bind what must be bound before work begins (a port)
+                    await start()
+            for service in self.services:
                 self.tasks.spawn(service.run(), SERVICE + service.name)
+            if not await self._wait_for_sinks():
+                return
             await self.control.resume_backfills()
             for name, src in self.config.sources.items():
                 if src.enabled:
@@ -87,16 +101,51 @@ class Daemon:
         finally:
             await self.shutdown()
 
+    async def _wait_for_sinks(self) -> bool:
+        """Open the sinks that could not be opened at start, trying again with backoff (the
+        services, the HTTP listener's `/readyz` among them, run meanwhile); then settle the runs
+        a killed process left. False if the daemon was stopped first."""
+        attempt = 0
+        while not self.rt.sinks_ready:
+            if await self.rt.open_sinks():
+                break
+            attempt += 1
+            delay = min(60.0, 1.0 * 2 ** min(attempt - 1, 6))
+            for name, error in self.rt.sink_errors.items():
+                log.error("sink.open_failed", sink=name, error=error, attempt=attempt, retry_in_s=delay)
+            self.notifier.status(f"waiting for sinks: {', '.join(sorted(self.rt.sink_errors))}")
+            self.wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
+            if self.rt.stopping.is_set():
+                return False
+        if attempt:
+            log.info("sink.opened", sinks=sorted(self.config.sinks), attempts=attempt + 1)
+        if self._settle is not None and attempt:
+            await self._settle(self.rt)
+        return True
+
     def stop(self) -> None:
-        if not self.rt.stopping.is_set():
+        """SIGTERM/SIGINT. The first starts a graceful stop; a second says what it waits for; a
+        third stops waiting (running loads are rolled back: their previous generation stays)."""
+        self.stop_requests += 1
+        if self.stop_requests == 1:
             log.info("daemon.stop_requested")
             self.notifier.stopping()
             self.rt.stopping.set()
             self.wake.set()
+        elif self.stop_requests == 2:
+            waiting = self.control.waiting_for()
+            log.warning("daemon.still_stopping", waiting_for=waiting or ["services to close"],
+                        grace_s=self.config.daemon.shutdown_grace_seconds,
+                        hint="send it again to stop now: running loads are rolled back")
+        else:
+            log.warning("daemon.stop_now", abandoning=self.control.waiting_for())
+            self.abort.set()
 
     async def shutdown(self) -> None:
         self.rt.stopping.set()
-        await self.tasks.settle(self.config.daemon.shutdown_grace_seconds, keep=(SERVICE,))
+        await self.tasks.settle(self.config.daemon.shutdown_grace_seconds, keep=(SERVICE,), abort=self.abort)
         with contextlib.suppress(Exception):
             await self.rt.state.emit([event(DaemonStopping, None, None, None, reason="signal")])
         for service in self.services:
@@ -192,6 +241,8 @@ class Daemon:
         restart_needed = [f"daemon.{k}" for k in ("state_path", "log_level", "max_concurrent_loads")
                           if getattr(new.daemon, k) != getattr(old.daemon, k)]
         restart_needed += ["bus"] if new.bus != old.bus else []
+        restart_needed += ["http"] if new.http != old.http else []
+        restart_needed += ["observers"] if new.observers != old.observers else []
         if restart_needed:
             log.warning("config.restart_needed", keys=restart_needed)
         added = sorted(set(new.sources) - set(old.sources))

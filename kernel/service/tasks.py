@@ -36,13 +36,28 @@ class Tasks:
     def all(self) -> list[asyncio.Task[Any]]:
         return list(self._tasks)
 
-    async def settle(self, grace: float, *, keep: tuple[str, ...] = ()) -> None:
-        """Wait up to `grace` seconds for every task whose name does not start with one of `keep`,
-        then cancel what is left of them and wait for it to end."""
+    async def settle(self, grace: float, *, keep: tuple[str, ...] = (), abort: asyncio.Event | None = None) -> None:
+        """Wait up to `grace` seconds (or until `abort` is set) for every task whose name does not
+        start with one of `keep`, then cancel what is left of them and wait for it to end."""
         work = [t for t, n in self._tasks.items() if not n.startswith(keep)] if keep else self.all()
         if not work:
             return
-        _, pending = await asyncio.wait(work, timeout=grace)
+        if abort is None:
+            _, pending = await asyncio.wait(work, timeout=grace)
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            aborted = asyncio.ensure_future(abort.wait())
+            try:
+                while not abort.is_set():
+                    left = [t for t in work if not t.done()]
+                    remaining = deadline - loop.time()
+                    if not left or remaining <= 0:
+                        break
+                    await asyncio.wait([*left, aborted], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                aborted.cancel()
+            pending = {t for t in work if not t.done()}
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

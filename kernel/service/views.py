@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 from ..core.config import Config
 from ..engine.planner import load_windows, recheck_windows
-from ..engine.state import PartitionRow, RunRow, StateStore, StoredSchema
+from ..engine.state import Backfill, PartitionRow, RunRow, StateStore, StoredSchema
 
 
 def local_today(now: dt.datetime, timezone: str) -> dt.date:
@@ -103,9 +103,49 @@ async def status_report(config: Config, state: StateStore, names: list[str], day
     the `status` request show."""
     return {
         "sources": [await source_status(config, state, n, days, now) for n in names],
-        "backfills": [{"id": b.id, "sources": b.sources, "from": str(b.day_from), "to": str(b.day_to),
-                       "status": b.status} for b in await state.backfills("running")],
+        "backfills": [await backfill_view(state, b) for b in await state.backfills("running")],
     }
+
+
+async def backfill_view(state: StateStore, b: Backfill) -> dict[str, Any]:
+    """A backfill with its progress: source-days `done` of `total`, `failed`, rows written."""
+    p = await state.backfill_progress(b.id)
+    return {"id": b.id, "sources": b.sources, "from": str(b.day_from), "to": str(b.day_to), "status": b.status,
+            "created_at": b.created_at, "done": p["done"], "total": p["total"], "failed": p.get("failed", 0),
+            "rows": p["rows"], "rows_fetched": p["rows_fetched"]}
+
+
+def run_view(run: RunRow, rejects: dict[str, Any] | None) -> dict[str, Any]:
+    """One run as the status page shows it."""
+    return {"run_id": run.run_id, "trigger": run.trigger, "status": run.status, "generation": run.generation,
+            "rows_fetched": run.rows_fetched, "rows_written": run.rows_written, "rows_rejected": run.rows_rejected,
+            "started_at": run.started_at, "finished_at": run.finished_at, "duration_ms": run.duration_ms,
+            "reason": run.reason, "backfill_id": run.backfill_id, "first_load": run.first_load,
+            "rejects": (rejects or {}).get("reasons", {}), "reject_samples": (rejects or {}).get("samples", [])}
+
+
+async def calendar_report(config: Config, state: StateStore, names: list[str], days: int,
+                          now: dt.datetime) -> dict[str, Any]:
+    """The status page's data: per source its last `days` days (today last), every day (also one
+    never touched, as `missing`) with its state and latest runs, the running loads and windows;
+    the running backfills with their progress."""
+    report = await status_report(config, state, names, days - 1, now)
+    for s in report["sources"]:
+        today = local_today(now, s["timezone"])
+        first = today - dt.timedelta(days=days - 1)
+        known = {d["day"]: d for d in s["days"]}
+        runs = await state.runs_of(s["source"], first, today)
+        rejects = await state.run_rejects([r.run_id for rs in runs.values() for r in rs if r.rows_rejected])
+        cells = []
+        for i in range(days):
+            day = first + dt.timedelta(days=i)
+            view = known.get(day.isoformat()) or day_view(day, None, None)
+            view["runs"] = [run_view(r, rejects.get(r.run_id)) for r in runs.get(day, [])]
+            view["weekday"] = day.isoweekday()
+            cells.append(view)
+        s["calendar"] = cells
+        s["today"] = today.isoformat()
+    return report
 
 
 async def retained_source_state(config: Config, state: StateStore, name: str, now: dt.datetime) -> dict[str, Any]:

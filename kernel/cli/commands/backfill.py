@@ -1,35 +1,21 @@
-"""`ingestd backfill SOURCE|--all --from D --to D`: stored durably first, then run here."""
+"""`ingestd backfill SOURCE|--all --from D --to D`: stored durably first, then run here, or by
+the running daemon (through its control API) when one holds the state database."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
+import contextlib
 import sys
-from typing import TextIO
+import time
+import uuid
 
+from ...http.client import Daemon
 from ...service.bootstrap import local_control
-from ...service.control import ControlError
+from ...service.control import Control, ControlError
 from ..registry import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Command, date_arg, setup
-
-
-class Progress:
-    """A progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, stream: TextIO = sys.stdout):
-        self.stream = stream
-        self.tty = stream.isatty()
-
-    def __call__(self, done: int, total: int, source: str, day: dt.date, status: str) -> None:
-        if self.tty:
-            width = 30
-            filled = int(width * done / total) if total else width
-            self.stream.write(f"\r[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {source} {day} {status}   ")
-            if done == total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"{done}/{total} {source} {day} {status}\n")
-        self.stream.flush()
+from ..remote import reach
+from ..terminal import Bar, Interrupts, interruptible, say
 
 
 class Backfill(Command):
@@ -51,9 +37,14 @@ class Backfill(Command):
         if bool(args.all) == bool(args.source):
             print("name one SOURCE or --all", file=sys.stderr)
             return EXIT_USAGE
+        daemon = reach(config)
+        if daemon is not None:
+            return self.through(daemon, args)
 
-        async def work() -> int:
+        async def work(interrupts: Interrupts) -> int:
             async with local_control(config, plugins) as control:
+                interrupts.gentle = lambda: _stop_gently(control)
+                interrupts.waiting = control.waiting_for
                 try:
                     sources = control.resolve_sources("*" if args.all else args.source)
                     found = None if args.request_id else await control.find_backfill(sources, args.first, args.last)
@@ -75,8 +66,85 @@ class Backfill(Command):
                 except ControlError as exc:
                     print(f"backfill refused: {exc}", file=sys.stderr)
                     return EXIT_USAGE
-                status = await control.run_backfill(b.id, Progress())
-            print(f"backfill {b.id}: {status}")
+                status = await _run_with_bar(control, b.id)
+            if status == "running":
+                print(f"backfill {b.id}: stopped before its end; the same command (or the daemon) resumes it")
+            else:
+                print(f"backfill {b.id}: {status}")
             return EXIT_OK if status == "done" else EXIT_FAILED
 
-        return asyncio.run(work())
+        interrupts = Interrupts(gentle=lambda: "stopping", waiting=list)
+
+        async def main() -> int:
+            return int(await interruptible(interrupts, work(interrupts)))
+
+        try:
+            return asyncio.run(main())
+        except asyncio.CancelledError:
+            print("backfill stopped; `ingestd backfill` with the same range resumes it", file=sys.stderr)
+            return 130
+
+    def through(self, daemon: Daemon, args: argparse.Namespace) -> int:
+        """Submit to the daemon, then follow its progress until the backfill ends."""
+        body: dict[str, object] = {"source": "*" if args.all else args.source, "from": args.first.isoformat(),
+                                   "to": args.last.isoformat(),
+                                   "request_id": args.request_id or f"cli-{uuid.uuid4().hex[:16]}"}
+        if args.missing:
+            body["missing"] = True
+        answer = daemon.post("backfill", body)
+        if answer["status"] != "ok":
+            print(f"backfill refused: {answer['error']}", file=sys.stderr)
+            return EXIT_USAGE
+        ticket = answer["data"]
+        bid = ticket["backfill_id"]
+        what = "stored" if ticket["created"] else f"exists already ({ticket['status']})"
+        print(f"backfill {bid} {what}: {', '.join(ticket['sources'])} from {ticket['from']} to {ticket['to']}, "
+              f"{ticket['source_days']} source-days, run by the daemon (pid {daemon.pid})")
+        status = ticket["status"]
+        try:
+            with Bar() as bar:
+                bar.update(0, ticket["source_days"])
+                while status == "running":
+                    report = daemon.get("status")["data"]
+                    mine = next((b for b in report["backfills"] if b["id"] == bid), None)
+                    if mine is None:
+                        status = daemon.post("backfill", body)["data"]["status"]
+                        break
+                    bar.update(mine["done"], mine["total"], mine["rows_fetched"])
+                    time.sleep(0.5)
+                if status == "done":
+                    bar.update(bar.total, bar.total)
+        except KeyboardInterrupt:
+            say(f"stopped watching: backfill {bid} goes on in the daemon; `ingestd cancel {bid}` cancels it")
+            return 130
+        print(f"backfill {bid}: {status}")
+        return EXIT_OK if status == "done" else EXIT_FAILED
+
+
+def _stop_gently(control: Control) -> str:
+    control.rt.stopping.set()
+    return "stopping: no new day of the backfill starts; the days loading now finish"
+
+
+async def _run_with_bar(control: Control, backfill_id: int) -> str:
+    """Run a stored backfill here, drawing days done/total, rows/s and ETA."""
+    with Bar() as bar:
+        async def rows() -> None:
+            while True:
+                p = await control.rt.state.backfill_progress(backfill_id)
+                bar.update(p["done"], p["total"], p["rows_fetched"])
+                await asyncio.sleep(0.5)
+
+        first = await control.rt.state.backfill_progress(backfill_id)
+        bar.update(first["done"], first["total"], first["rows_fetched"])
+        ticker = asyncio.ensure_future(rows())
+        try:
+            return await control.run_backfill(
+                backfill_id, lambda done, total, source, day, status: bar.update(done, total, last=f"{source} {day} "
+                                                                                  f"{status}"))
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            p = await control.rt.state.backfill_progress(backfill_id)
+            bar.update(p["done"], p["total"], p["rows_fetched"])

@@ -24,7 +24,8 @@ class Plugins(Command):
             return EXIT_OK
         for i in plugins.infos:
             api = f"API {i.api[0]}..{i.api[1]}" if i.api else "API ?"
-            provides = ", ".join([f"connector:{c}" for c in i.connectors] + [f"sink:{s}" for s in i.sinks]) or "-"
+            provides = ", ".join([f"connector:{c}" for c in i.connectors] + [f"sink:{s}" for s in i.sinks]
+                                 + [f"observer:{o}" for o in i.observers]) or "-"
             dist = f"{i.distribution} {i.version}" if i.distribution else "(not installed as a distribution)"
             line = f"{i.name:<16} {dist:<28} {api:<10} {provides}"
             label = "DISABLED" if i.error and i.error.startswith("disabled by") else "FAILED"

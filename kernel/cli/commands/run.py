@@ -8,6 +8,7 @@ import datetime as dt
 import sys
 
 from ...bus.server import bus_service
+from ...http.server import http_service
 from ...service.bootstrap import local_control, run_forever
 from ..registry import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Command, instant_arg, setup
 
@@ -28,7 +29,7 @@ class Run(Command):
             return EXIT_USAGE
         if not args.once:
             config, plugins = setup(args.config, log_to=sys.stdout)
-            return run_forever(config, plugins, services=[bus_service])
+            return run_forever(config, plugins, services=[bus_service, http_service])
         config, plugins = setup(args.config, log_to=sys.stdout)
         now = args.now or dt.datetime.now(dt.UTC)
 
