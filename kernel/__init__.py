@@ -42,6 +42,7 @@ from .core.events import (
                         LoadFailed,
                         LoadStarted,
                         LoadSucceeded,
+                        SchemaChanged,
 )
 from .core.logs import get as get_logger
 from .core.models import Secret, build_model
@@ -62,6 +63,6 @@ __all__ = [
     "IngestdError", "ConfigError", "ConfigErrors", "ConnectorError", "TransientError", "PermanentError",
     "SinkError", "PluginError",
     "Event", "LoadStarted", "LoadSucceeded", "LoadEmpty", "LoadFailed", "CheckChanged", "CheckHeld",
-    "CheckUnchanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",
+    "CheckUnchanged", "SchemaChanged", "BackfillAccepted", "BackfillProgress", "BackfillDone", "DaemonStarted",
     "DaemonStopping",
 ]

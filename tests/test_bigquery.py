@@ -740,8 +740,15 @@ def test_the_daemon_loads_a_bigquery_day_and_reloads_it_when_it_changed(tmp_path
     assert any(e["source"] == "orders" and e["day"] == D.isoformat() and e["bytes"] == 0 and e["step"] == "fetch"
                for e in estimates), out.stdout
 
+    # issue 16: a preview's row limit runs in BigQuery (LIMIT on the wrapped day query)
+    out = ingestd("preview", "orders", "--day", D.isoformat(), "--rows", "7", "--json", config=cfg)
+    p = json.loads(out.stdout)
+    assert (p["rows_read"], p["mapped"], p["limit"], p["ok"]) == (7, 7, "in the warehouse", True), out.stderr
+    assert p["rows"][0]["metadata"] == {"k": 1}
+
     run(bq_client, f"UPDATE {table} SET value = 'changed' WHERE user_id = 'u7'")  # same count, new content
     out = ingestd("run", "--once", "--now", f"{D + dt.timedelta(days=1)}T18:05:00+00:00", config=cfg, check=True)
+    assert '"schema.changed"' not in out.stdout, "the dry run's schema must be the schema the load stored"
     assert partition() == ("succeeded", 2, 300), out.stdout
     reloaded = dict((r[0], (r[1], r[3])) for r in sink_rows())
     assert len(reloaded) == 300 and reloaded["u7"] == ("changed", 2) and reloaded["u8"] == ("8", 2)

@@ -694,12 +694,19 @@ def test_the_daemon_loads_events_and_metrics_and_reloads_a_changed_value(tmp_pat
     assert (row[1], row[2], json.loads(row[3])) == ("click", "u1", {"k": 1})
     assert metric == ("revenue", 4.5)
 
+    # issue 16: a preview's row limit runs in Spark SQL (LIMIT on the wrapped day query)
+    out = ingestd("preview", "daily", "--day", D.isoformat(), "--rows", "5", "--json", config=cfg, env=env)
+    p = json.loads(out.stdout)
+    assert (p["rows_read"], p["mapped"], p["limit"], p["ok"]) == (5, 5, "in the warehouse", True), out.stderr
+    assert {r["metric_name"] for r in p["rows"]} == {"revenue"}
+
     # the same count, one value changed: the re-check's fingerprint sees it and reloads the day
     run(admin, f"CREATE TABLE {db}.rewrite USING parquet AS SELECT ts, user_id, event, "
                f"IF(user_id = 'u7', 'changed', value) AS value, props FROM {db}.events_raw WHERE ds = DATE'{D}'")
     run(admin, f"INSERT OVERWRITE TABLE {db}.events_raw PARTITION (ds = DATE'{D}') SELECT * FROM {db}.rewrite")
     out = ingestd("run", "--once", "--now", at(18), config=cfg, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert '"schema.changed"' not in out.stdout, "the re-check's schema probe must see the loaded schema"
     assert state_query(tmp_path / "state.db", part, ("orders", D.isoformat())) == [("succeeded", 2, 500)]
     runs = state_query(tmp_path / "state.db", "SELECT trigger, status FROM runs WHERE source = 'orders' AND day = ? "
                                               "ORDER BY started_at", (D.isoformat(),))

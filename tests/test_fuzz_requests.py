@@ -144,6 +144,7 @@ FIELDS = {
     "reload": {"source": texts, "day": dates},
     "status": {"source": texts},
     "cancel": {"backfill_id": numbers | texts | json_values},
+    "preview": {"source": texts, "day": dates, "rows": numbers | json_values},
 }
 
 

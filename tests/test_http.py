@@ -140,6 +140,10 @@ def test_control_api_commands_and_bad_requests_change_nothing(daemon):
     status, answer, _ = daemon.post("/api/v1/reload", {"source": "orders", "day": OLDER.isoformat()})
     assert status == 202 and answer["data"] == {"source": "orders", "day": OLDER.isoformat(), "trigger": "manual",
                                                 "accepted": True}
+    status, answer, _ = daemon.post("/api/v1/preview", {"source": "orders", "day": YESTERDAY.isoformat(), "rows": 3})
+    assert status == 200 and answer["data"]["rows_read"] == 3 and answer["data"]["mapped"] == 3, answer
+    status, answer, _ = daemon.post("/api/v1/preview", {"source": "orders"}, token=None)
+    assert status == 401, "a preview's answer holds warehouse rows: it needs the token"
     status, answer, _ = daemon.post("/api/v1/cancel", {"backfill_id": 999})
     assert status == 400 and "no running backfill with id 999" in answer["error"]
     status, answer, _ = daemon.post("/api/v1/ready", {"source": "orders", "day": (TODAY + dt.timedelta(days=3))

@@ -711,9 +711,16 @@ def test_the_daemon_loads_a_redshift_day_and_reloads_it_when_it_grows(tmp_path, 
     assert partition() == ("succeeded", 1, 4000, 4000), out.stdout + out.stderr
     assert sink_rows(tmp_path / "analytics.duckdb", "orders", DAY) == 4000
 
+    # issue 16: a preview's row limit runs in Redshift (LIMIT on the wrapped day query)
+    out = ingestd("preview", "orders", "--day", DAY.isoformat(), "--rows", "7", "--json", config=cfg, env=env)
+    p = json.loads(out.stdout)
+    assert (p["rows_read"], p["mapped"], p["limit"], p["ok"]) == (7, 7, "in the warehouse", True), out.stderr
+    assert p["rows"][0]["event_name"] == "click" and p["rows"][0]["id_type"] == "user_id"
+
     add_events(pg, table, DAY, 200, start_id=50_000)  # the day grows 5%
     out = ingestd("run", "--once", "--now", at(nxt, 18), config=cfg, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert '"schema.changed"' not in out.stdout, "the re-check's schema probe must see the loaded schema"
     assert partition() == ("succeeded", 2, 4200, 4200), out.stdout + out.stderr
     assert sink_rows(tmp_path / "analytics.duckdb", "orders", DAY) == 4200
     runs = state_query(tmp_path / "state.db", "SELECT trigger, status, rows_fetched FROM runs WHERE day = ? "

@@ -17,7 +17,7 @@ from ingestd.service.requests import REQUESTS, handle
 from ingestd.service.tasks import Tasks
 from tests.support import write_config
 
-FIELDS = ["source", "from", "to", "day", "request_id", "backfill_id", "transaction", "extra"]
+FIELDS = ["source", "from", "to", "day", "request_id", "backfill_id", "rows", "transaction", "extra"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
     | st.sampled_from(["orders", "*", "2026-01-01", "2026-13-40", "2025-01-01", "ghost"]),

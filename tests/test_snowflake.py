@@ -720,9 +720,16 @@ def test_the_daemon_loads_a_snowflake_day_and_reloads_it_when_it_grew(tmp_path, 
     assert sink_rows(tmp_path / "analytics.duckdb", "orders", D) == 500
     assert server.password not in out.stdout + out.stderr
 
+    # issue 16: a preview's row limit runs in Snowflake (LIMIT on the wrapped day query)
+    out = ingestd("preview", "orders", "--day", D.isoformat(), "--rows", "7", "--json", config=cfg, env=env)
+    p = json.loads(out.stdout)
+    assert (p["rows_read"], p["mapped"], p["limit"], p["ok"]) == (7, 7, "in the warehouse", True), out.stderr
+    assert p["rows"][0]["metadata"] == {"k": 1}
+
     add_events(sf, D, 20, first=1000)  # +4%: past threshold_pct
     out = ingestd("run", "--once", "--now", at(18), config=cfg, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert '"schema.changed"' not in out.stdout, "the re-check's schema probe must see the loaded schema"
     assert state_query(tmp_path / "state.db", part, (D.isoformat(),)) == [("succeeded", 2, 520)]
     assert sink_rows(tmp_path / "analytics.duckdb", "orders", D) == 520
     runs = state_query(tmp_path / "state.db", "SELECT trigger, status FROM runs WHERE day = ? ORDER BY started_at",

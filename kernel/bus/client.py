@@ -41,3 +41,12 @@ async def send_request(bus: BusSection, instance: str, command: str, body: dict[
                 if isinstance(result, dict) and result.get("transaction") == body["transaction"]:
                     return result
     raise TimeoutError
+
+
+async def reach_broker(bus: BusSection, *, timeout: float = 10.0, username: str | None = None,
+                       password: str | None = None) -> None:
+    """Connect to the broker as the daemon would (protocol, TLS, credentials) and disconnect
+    (`ingestd check`). Raises `aiomqtt.MqttError` or `TimeoutError`."""
+    client_id = f"ingestd-check-{random.getrandbits(32):08x}"
+    async with asyncio.timeout(timeout), make_client(bus, client_id, username=username, password=password):
+        pass

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from .contracts import Connector, Observer, Registry, Sink
 from .errors import ConfigError, ConfigErrors
 from .models import BASE_DIR, Secret, UnsetVariable, build_model, expand_env, redact, secret_values
-from .query import uses_placeholders
+from .query import placeholder_mistakes, uses_placeholders
 from .scheduler import validate_cron, validate_timezone
 from .schema import Mapping
 
@@ -405,6 +405,9 @@ def _check_source(name: str, src: SourceSection, sinks: dict[str, Plugged], conn
         src.mapping.check(src.kind)
     except ConfigError as exc:
         errors.append(ConfigError(f"{where}.mapping.{exc.path}", exc.message))
+    for key in SQL_KEYS:
+        for mistake in placeholder_mistakes(getattr(src, key) or ""):
+            errors.append(ConfigError(f"{where}.{key}", mistake))
     if not uses_placeholders(src.query) and not src.mapping.filter_column(src.kind)[0]:
         col = "timestamp" if src.kind == "events" else "date"
         errors.append(ConfigError(f"{where}.query", "has no {day}/{start}/{end} placeholder; use one, or map "

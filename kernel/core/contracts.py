@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from .errors import PluginError
 from .events import Event
-from .query import DayQuery, ParamStyle
+from .query import DayQuery, ParamStyle, limit_query
 
 Kind = Literal["events", "metrics"]
 
@@ -46,11 +46,15 @@ async def aclosing_stream(stream: AsyncIterator[T]) -> AsyncGenerator[AsyncItera
 @dataclass(frozen=True)
 class Capabilities:
     """What a connector can do. `fingerprint`: its probe returns a content fingerprint.
-    `paramstyle`: how it marks bound parameters. `quote`: its identifier quote character."""
+    `paramstyle`: how it marks bound parameters. `quote`: its identifier quote character.
+    `row_limit`: its warehouse runs `SELECT * FROM (<day query>) ingestd_l LIMIT n`, so a preview,
+    `ingestd check` and schema probes read only the rows they show (see `Connector.limited`;
+    since API 2, additive: False by default)."""
 
     fingerprint: bool = False
     paramstyle: ParamStyle = "qmark"
     quote: str = '"'
+    row_limit: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,23 @@ class Connector(ABC):
     def fetch(self, query: DayQuery, batch_rows: int,
               source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
         """Stream the day's rows as RecordBatches of at most `batch_rows` rows, memory bounded."""
+
+    def limited(self, query: DayQuery, rows: int) -> DayQuery | None:
+        """`query` limited to its first `rows` rows (0 or more) in the warehouse, for a preview,
+        `ingestd check` and schema probes; None when this connector cannot limit it, and the
+        kernel then reads the unlimited query's first batch and closes the stream (as an abandoned
+        fetch). Default: `SELECT * FROM (<day query>) ingestd_l LIMIT n` when
+        `capabilities.row_limit` is set, else None. Override it for a dialect that says it
+        otherwise (`SELECT TOP n`, `FETCH FIRST n ROWS ONLY`). Since API version 2 (additive)."""
+        return limit_query(query, rows) if self.capabilities.row_limit else None
+
+    async def result_schema(self, query: DayQuery, source: SourceInfo | None = None) -> pa.Schema | None:
+        """The Arrow schema `fetch(query)` yields, learnt without reading rows (a dry run, the
+        day query with `LIMIT 0`), or None when the connector cannot tell without rows: the
+        default. The kernel asks it where it needs a result's columns and no row came back (an
+        empty day), and before reading a row for them (`ingestd check`, schema probes at re-check
+        windows); with None it reads one row. Since API version 2 (additive)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027  (optional: nothing to release by default)
         """Release connections."""

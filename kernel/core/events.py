@@ -89,6 +89,19 @@ class CheckUnchanged(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SchemaChanged(Event):
+    """A load or a re-check window's schema probe saw the source query's result schema differ
+    from the one its last successful load stored. data: added and removed (`[{name, type}]`),
+    retyped (`[{name, from, to}]`), mapped (the mapping keys whose columns were removed or
+    retyped), blocking (loads fail: a mapped column removed, or retyped, when automatic loads
+    fail until the user confirms), fix (what to do, when blocking), seen_by (`load` or
+    `probe`), since_day (the day of the load that stored the earlier schema). Sent once per new
+    schema. Since API 2."""
+
+    type: ClassVar[str] = "schema.changed"
+
+
+@dataclass(frozen=True, kw_only=True)
 class BackfillAccepted(Event):
     """A backfill was stored. data: backfill_id, request_id, sources, from, to, days."""
 

@@ -14,7 +14,12 @@ from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 ParamStyle = Literal["qmark", "format", "pyformat", "named", "at", "numeric"]
+PLACEHOLDERS = ("day", "start", "end")
 PLACEHOLDER = re.compile(r"\{(day|start|end)\}")
+BRACED = re.compile(r"(?<!\$)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
+"""Anything written like a placeholder: `{name}`, spaces allowed inside; `${name}` is not (a
+variable of the warehouse's own SQL, as Databricks has)."""
+LIMIT_ALIAS = "ingestd_l"
 
 
 @dataclass(frozen=True)
@@ -205,3 +210,30 @@ def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int =
 
 def uses_placeholders(sql: str) -> bool:
     return bool(PLACEHOLDER.search(sql))
+
+
+def placeholder_mistakes(sql: str) -> list[str]:
+    """What in `sql` looks like a placeholder but is not one of {day}, {start}, {end} (an unknown
+    name such as `{begin}`, or a known one written with spaces): each said in a sentence. Such
+    text would reach the warehouse as it is and fail every load with a syntax error."""
+    known = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+    out: list[str] = []
+    for match in BRACED.finditer(sql):
+        name, text = match.group(1), match.group(0)
+        if name in PLACEHOLDERS:
+            if text != f"{{{name}}}":
+                out.append(f"placeholder {text!r} must be written {{{name}}}, without spaces")
+        else:
+            out.append(f"unknown placeholder {{{name}}} (known: {known})")
+    return list(dict.fromkeys(out))
+
+
+def limit_query(query: DayQuery, rows: int) -> DayQuery:
+    """`query` limited to its first `rows` rows in the warehouse: `SELECT * FROM (<day query>)
+    ingestd_l LIMIT n`, the parameters unchanged. `rows` is an integer the kernel checked (never
+    text a user or a request supplied), so it is written into the SQL as a literal: not every
+    warehouse takes a bound parameter in LIMIT."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"a row limit is a non-negative integer, got {rows!r}")
+    return DayQuery(f"SELECT * FROM (\n{query.sql}\n) {LIMIT_ALIAS} LIMIT {int(rows)}", query.params,
+                    query.window, query.names)

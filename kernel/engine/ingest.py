@@ -28,6 +28,7 @@ from ..core.contracts import ProbeResult, Target, aclosing_stream
 from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, TransientError
 from ..core.events import CheckChanged, CheckHeld, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
 from ..core.schema import RowMapper
+from . import drift
 from .job import Job
 from .runtime import Runtime, SinkUnavailable, event
 from .slices import fetch_slices
@@ -182,9 +183,17 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)],
         first_load=served == 0)
     failed: dict[str, Any] = {}  # the counts of the last attempt, when it fails
+
+    async def check_schema(schema: pa.Schema) -> None:
+        """Schema drift (engine/drift.py), seen on the first batch, before any row is mapped."""
+        reason = await drift.observe(rt, job, day, schema, seen_by="load", confirmed=trigger not in AUTOMATIC,
+                                     run_id=run_id)
+        if reason:
+            raise PermanentError(reason)
+
     try:
         stats = await with_retry(
-            job.daemon, "load", lambda: _stream(job, day, generation, failed, _Progress(rt, run_id)),
+            job.daemon, "load", lambda: _stream(job, day, generation, failed, _Progress(rt, run_id), check_schema),
             source=source, day=day.isoformat(), run_id=run_id, generation=generation)
     except (Exception, asyncio.CancelledError) as exc:  # every failure is recorded on the run, with its reason
         transient = isinstance(exc, (TransientError, asyncio.CancelledError))
@@ -219,6 +228,8 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         events=[event(LoadSucceeded, source, day, run_id, trigger=trigger, generation=generation,
                       rows=stats["written"], fetched=stats["fetched"], rejected=stats["rejected"],
                       duration_ms=duration, first_load=served == 0, **extra)])
+    if stats.get("schema") is not None:
+        await drift.remember(rt, job, day, run_id, stats["schema"])
     return Outcome(status, run_id, generation, stats["written"])
 
 
@@ -282,9 +293,12 @@ _DONE = object()
 
 
 async def _stream(job: Job, day: dt.date, generation: int, failed: dict[str, Any],
-                  progress: Callable[[int], Awaitable[None]] | None = None) -> dict[str, Any]:
-    """One attempt: fetch, map and write overlapping; returns counts. Raises on any failure,
-    after which the sink still holds the previous generation and `failed` the attempt's counts."""
+                  progress: Callable[[int], Awaitable[None]] | None = None,
+                  on_schema: Callable[[pa.Schema], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """One attempt: fetch, map and write overlapping; returns counts (and `schema`, the result
+    schema of the first batch). Raises on any failure, after which the sink still holds the
+    previous generation and `failed` the attempt's counts. `on_schema` sees the first batch's
+    schema before the batch goes on, and may raise to stop the load before any row is written."""
     failed.clear()
     source, src, conn = job.source, job.config, job.connector
     query = job.day_query(day)
@@ -305,6 +319,10 @@ async def _stream(job: Job, day: dt.date, generation: int, failed: dict[str, Any
                       else conn.fetch(query, job.batch_rows, job.info))
             async with aclosing_stream(stream) as stream:
                 async for batch in stream:
+                    if "schema" not in stats:
+                        stats["schema"] = batch.schema
+                        if on_schema is not None:
+                            await on_schema(batch.schema)
                     stats["fetched"] += batch.num_rows
                     await fetched_q.put(batch)
                     if progress is not None:

@@ -21,6 +21,28 @@ from ..core.query import DayQuery, DayWindow, day_queries, day_query
 
 
 @dataclass(frozen=True)
+class SourceQuery:
+    """A source's query on its connector, without a sink or state: what a preview and
+    `ingestd check` read through, and the query side of every `Job`."""
+
+    source: str
+    config: SourceSection
+    connector: Connector
+
+    @property
+    def info(self) -> SourceInfo:
+        return SourceInfo(self.source, self.config.timezone)
+
+    def window(self, day: dt.date) -> DayWindow:
+        return DayWindow.of(day, self.config.timezone)
+
+    def day_query(self, day: dt.date, sql: str | None = None) -> DayQuery:
+        """The source's query (or `sql`, e.g. its ready_query) bound to `day` for this connector."""
+        return day_query(sql or self.config.query, self.window(day), self.connector.capabilities,
+                         **self.config.mapping.day_filter(self.config.kind))
+
+
+@dataclass(frozen=True)
 class Job:
     source: str
     config: SourceSection
@@ -34,20 +56,23 @@ class Job:
     secrets: tuple[str, ...] = ()
 
     @property
+    def reader(self) -> SourceQuery:
+        return SourceQuery(self.source, self.config, self.connector)
+
+    @property
     def info(self) -> SourceInfo:
-        return SourceInfo(self.source, self.config.timezone)
+        return self.reader.info
 
     @property
     def batch_rows(self) -> int:
         return self.config.batch_rows or self.daemon.batch_rows
 
     def window(self, day: dt.date) -> DayWindow:
-        return DayWindow.of(day, self.config.timezone)
+        return self.reader.window(day)
 
     def day_query(self, day: dt.date, sql: str | None = None) -> DayQuery:
         """The source's query (or `sql`, e.g. its ready_query) bound to `day` for this connector."""
-        return day_query(sql or self.config.query, self.window(day), self.connector.capabilities,
-                         **self.config.mapping.day_filter(self.config.kind))
+        return self.reader.day_query(day, sql)
 
     def slice_queries(self, day: dt.date) -> list[DayQuery]:
         """The day query cut into the source's `slices` disjoint parts (see `day_queries`)."""

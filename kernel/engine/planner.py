@@ -8,6 +8,7 @@ import datetime as dt
 from ..core import logs
 from ..core.config import Config
 from ..core.scheduler import CronWindows
+from .drift import probe_schema
 from .ingest import load_partition, recheck_day
 from .runtime import Runtime, SourceGone
 
@@ -63,13 +64,16 @@ async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt
 
 
 async def run_recheck_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt.date, str]:
-    """Probe every day in the look-back range; reload the changed ones."""
+    """Probe the result schema once (on the newest day: schema drift, see engine/drift.py), then
+    every day in the look-back range; reload the changed ones."""
     done: dict[dt.date, str] = {}
     if source not in rt.config.sources:
         return done
     newest = newest_day(rt, source, now)
     try:
         if newest is not None:
+            async with rt.job(source) as job:
+                await probe_schema(rt, job, newest)
             for day in lookback(rt, source, newest):
                 if rt.stopping.is_set():
                     break

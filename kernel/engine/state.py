@@ -27,9 +27,19 @@ from ..core.errors import StateError
 from ..core.events import Event
 from ..core.secrets import scrub_value
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-SCHEMA = """
+RESULT_SCHEMAS = """
+CREATE TABLE IF NOT EXISTS result_schemas (
+    source TEXT PRIMARY KEY, columns TEXT NOT NULL, query_hash TEXT NOT NULL, day TEXT NOT NULL,
+    run_id TEXT, stored_at TEXT NOT NULL, seen TEXT, change TEXT, changed_at TEXT
+)"""
+"""Schema drift (version 3): per source, the query's result columns (`[{name, type, family}]`) as
+its last successful load saw them, with the query text's hash and that load's day and run; `seen`,
+a different schema a later load or probe saw (NULL once a load stores it); `change`, the last
+change seen (what `schema.changed` said) and when."""
+
+SCHEMA = RESULT_SCHEMAS + """;
 CREATE TABLE IF NOT EXISTS partitions (
     source TEXT NOT NULL, day TEXT NOT NULL, status TEXT NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0, rows INTEGER, source_rows INTEGER, fingerprint TEXT,
@@ -81,6 +91,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN first_load INTEGER",
         "ALTER TABLE backfills ADD COLUMN missing INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE backfills ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0"],
+    3: [RESULT_SCHEMAS],
 }
 """Statements that bring a database of the version before up to this version; a new database
 gets SCHEMA directly."""
@@ -142,6 +153,21 @@ class Backfill:
     created_at: str
     missing: bool = False
     skipped: int = 0
+
+
+@dataclass(frozen=True)
+class StoredSchema:
+    """A source's row of `result_schemas` (see RESULT_SCHEMAS)."""
+
+    source: str
+    columns: list[dict[str, Any]]
+    query_hash: str
+    day: dt.date
+    run_id: str | None
+    stored_at: str
+    seen: list[dict[str, Any]] | None = None
+    change: dict[str, Any] | None = None
+    changed_at: str | None = None
 
 
 class StateLock:
@@ -461,6 +487,51 @@ class StateStore:
             if status == "cancelled":
                 await tx.db.execute("UPDATE backfill_days SET status = 'cancelled' WHERE backfill_id = ?"
                                     " AND status = 'pending'", (backfill_id,))
+            for e in events:
+                tx.emit(e)
+
+    # -- result schemas (drift) ----------------------------------------------------------------
+
+    async def result_schema(self, source: str) -> StoredSchema | None:
+        """The result schema the source's last successful load stored, with any drift seen since.
+        None too for a database of version 2 read without migrating it (`ingestd status` before
+        the new daemon first ran)."""
+        try:
+            rows = await self._all("SELECT * FROM result_schemas WHERE source = ?", (source,))
+        except sqlite3.OperationalError:
+            if self.writer:
+                raise
+            return None
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredSchema(r["source"], json.loads(r["columns"]), r["query_hash"], dt.date.fromisoformat(r["day"]),
+                            r["run_id"], r["stored_at"], json.loads(r["seen"]) if r["seen"] else None,
+                            json.loads(r["change"]) if r["change"] else None, r["changed_at"])
+
+    async def save_result_schema(self, source: str, columns: list[dict[str, Any]], query_hash: str, day: dt.date,
+                                 run_id: str | None) -> None:
+        """Store the result schema a successful load saw; a drift seen before is settled by it
+        (`seen` cleared; the last `change` stays, as history)."""
+        async with self.transaction() as tx:
+            await tx.db.execute(
+                "INSERT INTO result_schemas (source, columns, query_hash, day, run_id, stored_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET columns = excluded.columns,"
+                " query_hash = excluded.query_hash, day = excluded.day, run_id = excluded.run_id,"
+                " stored_at = excluded.stored_at, seen = NULL",
+                (source, json.dumps(columns), query_hash, day.isoformat(), run_id, iso(now_utc())))
+
+    async def note_schema_seen(self, source: str, seen: list[dict[str, Any]] | None,
+                               change: dict[str, Any] | None = None, events: Iterable[Event] = ()) -> None:
+        """Record the schema a load or probe saw when it differs from the stored one (None: it
+        matches again), and, with `change`, the change and its `schema.changed` events, in one
+        transaction."""
+        async with self.transaction() as tx:
+            await tx.db.execute("UPDATE result_schemas SET seen = ? WHERE source = ?",
+                                (json.dumps(seen) if seen is not None else None, source))
+            if change is not None:
+                await tx.db.execute("UPDATE result_schemas SET change = ?, changed_at = ? WHERE source = ?",
+                                    (json.dumps(change), iso(now_utc()), source))
             for e in events:
                 tx.emit(e)
 

@@ -30,8 +30,10 @@ from .page import render
 
 log = logs.get("ingestd.http")
 
-WRITES = {"backfill": "backfill", "ready": "ready", "reload": "reload", "load": "reload", "cancel": "cancel"}
-"""POST /api/v1/<name> and the request command each carries out (`load` is `reload`'s alias)."""
+WRITES = {"backfill": "backfill", "ready": "ready", "reload": "reload", "load": "reload", "cancel": "cancel",
+          "preview": "preview"}
+"""POST /api/v1/<name> and the request command each carries out (`load` is `reload`'s alias). They
+need the bearer token: `preview` changes nothing, but its answer holds rows of the warehouse."""
 ACCEPTED = {"backfill", "ready", "reload"}
 """Commands whose work goes on after the answer: 202 Accepted."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

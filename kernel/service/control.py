@@ -8,6 +8,7 @@ task of the daemon's `Tasks`; the CLI, which runs in the foreground, awaits it i
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from ..core.errors import IngestdError
 from ..engine import backfill as backfills
 from ..engine.ingest import Outcome, load_day
 from ..engine.planner import run_due
+from ..engine.preview import bounded, preview_day
 from ..engine.runtime import Runtime, SourceGone
 from ..engine.state import Backfill
 from .tasks import Tasks
@@ -27,6 +29,15 @@ HealthCheck = Callable[[], tuple[bool, str]]
 """A service's readiness: (ready, a few words saying why or why not)."""
 
 TRIGGERS = {"ready": "ready", "load": "manual"}
+
+PREVIEW_ROWS = 10
+"""Rows a preview shows unless asked for another number."""
+MAX_PREVIEW_ROWS = 100
+"""The most rows a preview through the control layer (the `preview` request) reads."""
+PREVIEW_ANSWER_BYTES = 65536
+"""The most a preview answer holds, as JSON: longer texts are cut and rows dropped (`truncated`)."""
+PREVIEW_SECONDS = 120.0
+"""How long a preview may take before it is given up (it runs while other requests wait)."""
 
 
 class ControlError(IngestdError):
@@ -141,6 +152,28 @@ class Control:
         if error is not None:
             raise ControlError(f"source {source!r} cannot load now: its sink {self.rt.config.sink_of(source)!r} is not "
                                f"open ({error}); the daemon keeps trying to open it")
+
+    # -- preview -------------------------------------------------------------------------------------
+
+    async def preview(self, source: str, day: dt.date | None = None, rows: int = PREVIEW_ROWS) -> dict[str, Any]:
+        """The source's query for `day` (default: the newest day with rows in its look-back) read
+        to `rows` rows, limited in the warehouse where the connector can, and mapped as a load
+        would; see `ingestd.engine.preview.preview`. Writes nothing: no run, partition, metering,
+        event or sink row. The answer is at most PREVIEW_ANSWER_BYTES of JSON."""
+        self.source(source)
+        if isinstance(rows, bool) or not 1 <= rows <= MAX_PREVIEW_ROWS:
+            raise ControlError(f"rows must be between 1 and {MAX_PREVIEW_ROWS}, got {rows!r}")
+        try:
+            async with asyncio.timeout(PREVIEW_SECONDS), self.rt.job(source) as job:
+                report = await preview_day(job.reader, day, rows, config_file=str(self.rt.config.file))
+        except TimeoutError:
+            raise ControlError(f"the preview of {source!r} took longer than {PREVIEW_SECONDS:.0f} s and was given "
+                               "up; name a --day, or ask for fewer rows") from None
+        except SourceGone as exc:
+            raise ControlError(str(exc)) from None
+        except IngestdError as exc:
+            raise ControlError(f"the preview of {source!r} failed: {exc}") from None
+        return bounded(report, PREVIEW_ANSWER_BYTES)
 
     # -- loads ---------------------------------------------------------------------------------------
 

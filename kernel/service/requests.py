@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .control import Control, ControlError
+from .control import MAX_PREVIEW_ROWS, PREVIEW_ROWS, Control, ControlError
 
-REQUESTS = ("backfill", "ready", "reload", "status", "cancel")
+REQUESTS = ("backfill", "ready", "reload", "status", "cancel", "preview")
 """The commands a request may name (the last part of `<base>/request/<command>`)."""
 
 
@@ -37,6 +37,7 @@ SPECS: dict[str, dict[str, Field]] = {
     "reload": {"source": Field(str, True), "day": Field(str, True)},
     "status": {"source": Field(str)},
     "cancel": {"backfill_id": Field(int, True)},
+    "preview": {"source": Field(str, True), "day": Field(str), "rows": Field(int)},
 }
 TYPE_WORDS: dict[type | tuple[type, ...], str] = {str: "a string", int: "an integer", bool: "true or false"}
 
@@ -144,4 +145,10 @@ async def _run(control: Control, command: str, body: dict[str, Any]) -> Any:
         return await control.status(body.get("source"))
     if command == "cancel":
         return await control.cancel(body["backfill_id"])
+    if command == "preview":
+        source = control.source(body["source"])
+        rows = body.get("rows", PREVIEW_ROWS)
+        if rows > MAX_PREVIEW_ROWS:
+            raise BadRequest(f"field 'rows' must be at most {MAX_PREVIEW_ROWS}, got {rows}")
+        return await control.preview(source, _day(body, "day") if "day" in body else None, rows)
     raise BadRequest(f"unknown command {command!r}")

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 from ..core.config import Config
 from ..engine.planner import load_windows, recheck_windows
-from ..engine.state import Backfill, PartitionRow, RunRow, StateStore
+from ..engine.state import Backfill, PartitionRow, RunRow, StateStore, StoredSchema
 
 
 def local_today(now: dt.datetime, timezone: str) -> dt.date:
@@ -59,6 +59,19 @@ def _summary(state: str, serving: dict[str, Any] | None, loading: dict[str, Any]
     return "; ".join(parts)
 
 
+def schema_view(stored: StoredSchema | None) -> dict[str, Any] | None:
+    """The source's stored result schema (of its last successful load) and the last change seen:
+    `pending` while the changed schema has not been taken by a successful load yet, `blocking`
+    when it fails automatic loads (a mapped column removed or retyped)."""
+    if stored is None:
+        return None
+    change = None
+    if stored.change:
+        change = {**stored.change, "at": stored.changed_at, "pending": stored.seen is not None}
+    return {"columns": [{"name": c["name"], "type": c["type"]} for c in stored.columns],
+            "day": stored.day.isoformat(), "stored_at": stored.stored_at, "change": change}
+
+
 async def source_status(config: Config, state: StateStore, name: str, days: int, now: dt.datetime) -> dict[str, Any]:
     """A source's windows, its last run and loaded day (whatever their age), and its last `days`
     days (today, in its time zone, and the days before) with what each serves and runs."""
@@ -80,6 +93,7 @@ async def source_status(config: Config, state: StateStore, name: str, days: int,
                      "trigger": r.trigger, "run_id": r.run_id, "started_at": r.started_at}
                     for r in await state.running_runs() if r.source == name],
         "days": [day_view(d, parts.get(d), runs.get(d)) for d in sorted(set(parts) | set(runs), reverse=True)],
+        "schema": schema_view(await state.result_schema(name)),
     }
 
 

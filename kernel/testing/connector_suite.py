@@ -27,7 +27,9 @@ window, batches are bounded Arrow record batches, an empty day yields nothing, d
 are bound parameters (never SQL text), fingerprints are stable and see a changed value at
 equal count, errors are sorted into the kernel's classes (bad SQL is permanent; an unreachable
 warehouse raises `TransientError` or `PermanentError`, never a driver's own exception), and an
-abandoned fetch leaves the connector usable. The tests are marked `asyncio`, so they run in
+abandoned fetch leaves the connector usable; a connector that can limit a query (`limited`) reads at most
+that many rows of the day, and one that tells a result's schema without rows (`result_schema`)
+tells the schema its fetch yields. The tests are marked `asyncio`, so they run in
 pytest-asyncio's strict mode too (the author's async fixtures then need
 `@pytest_asyncio.fixture`). The pytest plugin `ingestd.testing.plugin` marks them `ingestd_kit`.
 """
@@ -297,3 +299,41 @@ class ConnectorSuite:
         await stream.aclose()
         assert (await connector.probe(query)).rows == n
         assert sum(b.num_rows for b in await self.fetch_all(connector, query)) == n
+
+    @pytest.mark.asyncio
+    async def test_a_row_limit_reads_at_most_that_many_rows_of_the_day(
+            self, connector: Connector, kit_table: KitTable) -> None:
+        n = await self.fill(kit_table)
+        query = self.day_query(connector, kit_table)
+        if connector.limited(query, 1) is None:
+            pytest.skip("the connector cannot limit a query in the warehouse (no `row_limit` capability, "
+                        "`limited` returns None): the kernel cuts the stream instead")
+        whole = await self.fetch_all(connector, query)
+        day_users = {u for b in whole for u in b.column(1).to_pylist()}
+        for rows in (1, 7, n + 10):
+            limited = connector.limited(query, rows)
+            assert limited is not None
+            batches = await self.fetch_all(connector, limited)
+            assert sum(b.num_rows for b in batches) == min(rows, n), f"LIMIT {rows} read another number of rows"
+            assert [c.lower() for c in batches[0].schema.names] == ["ts", "user_id", "event", "value"]
+            assert {u for b in batches for u in b.column(1).to_pylist()} <= day_users, "rows outside the day"
+        zero = connector.limited(query, 0)
+        assert zero is not None
+        assert await self.fetch_all(connector, zero) == [], "LIMIT 0 must read no row"
+
+    @pytest.mark.asyncio
+    async def test_result_schema_is_the_schema_fetch_yields(self, connector: Connector, kit_table: KitTable) -> None:
+        await self.fill(kit_table)
+        query = self.day_query(connector, kit_table)
+        schema = await connector.result_schema(query)
+        if schema is None:
+            pytest.skip("the connector cannot tell a result's schema without rows (`result_schema` returns None): "
+                        "the kernel reads one row instead")
+        assert isinstance(schema, pa.Schema), f"result_schema returned {type(schema).__name__}, not a pyarrow.Schema"
+        fetched = (await self.fetch_all(connector, query))[0].schema
+        assert [(f.name, f.type) for f in schema] == [(f.name, f.type) for f in fetched], \
+            f"result_schema says {schema}, but fetch yields {fetched}"
+        empty = await connector.result_schema(self.day_query(connector, kit_table, DAY + dt.timedelta(days=3)))
+        if empty is not None:
+            assert [(f.name, f.type) for f in empty] == [(f.name, f.type) for f in fetched], \
+                f"result_schema of a day without rows says {empty}, but fetch yields {fetched}"

@@ -448,7 +448,7 @@ def _human(n: int | None) -> str:
 class BigQueryConnector(Connector):
     type_name = "bigquery"
     config_model = BigQueryConfig
-    capabilities = Capabilities(fingerprint=True, paramstyle="at", quote="`")
+    capabilities = Capabilities(fingerprint=True, paramstyle="at", quote="`", row_limit=True)
 
     PROBE = ("SELECT COUNT(*) AS ingestd_rows, BIT_XOR(FARM_FINGERPRINT(TO_JSON_STRING(q))) AS ingestd_fp "
              "FROM ({sql}) AS q")
@@ -684,6 +684,23 @@ class BigQueryConnector(Connector):
             if err.code == "accessDenied":
                 raise err from exc
             log.warning("bigquery.check_read_session_failed", connection=self.name, table=name, error=str(err))
+
+    async def result_schema(self, query: DayQuery, source: SourceInfo | None = None) -> pa.Schema | None:
+        """The result's schema from a dry run (free; no row is read, no byte billed), in the Arrow
+        types a fetch gives (STRUCT and ARRAY columns as JSON text); None when the dry run says no
+        schema or a type has no Arrow form in the client library."""
+        _, job = await self.estimate(query.sql, query, "schema", source)
+        fields = getattr(job, "schema", None)
+        if not fields:
+            return None
+        try:
+            from google.cloud.bigquery import _pandas_helpers  # the library's own BigQuery -> Arrow types
+            arrow = _pandas_helpers.bq_to_arrow_schema(fields)
+        except Exception:  # a library without it, or a type it cannot say: the kernel reads a row instead
+            return None
+        if arrow is None:
+            return None
+        return pa.schema([pa.field(f.name, pa.string()) if _nested(f.type) else f for f in arrow])
 
     async def probe(self, query: DayQuery, source: SourceInfo | None = None) -> ProbeResult:
         client, _ = await self._clients()

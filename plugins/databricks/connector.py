@@ -466,11 +466,11 @@ def _quiet_close(con: Any) -> None:
 class DatabricksConnector(Connector):
     type_name = "databricks"
     config_model = DatabricksConfig
-    capabilities = Capabilities(fingerprint=True, paramstyle="named", quote="`")
+    capabilities = Capabilities(fingerprint=True, paramstyle="named", quote="`", row_limit=True)
 
     @classmethod
     def capabilities_for(cls, config: DatabricksConfig) -> Capabilities:
-        return Capabilities(fingerprint=config.fingerprint, paramstyle="named", quote="`")
+        return Capabilities(fingerprint=config.fingerprint, paramstyle="named", quote="`", row_limit=True)
 
     def __init__(self, config: DatabricksConfig, *, name: str):
         super().__init__(config, name=name)

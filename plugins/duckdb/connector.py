@@ -154,7 +154,7 @@ def _gate_for(path: Path) -> _Gate:
 class DuckDBConnector(Connector):
     type_name = "duckdb"
     config_model = DuckDBConfig
-    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"')
+    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"', row_limit=True)
 
     FINGERPRINT = "sum(hash(q)::HUGEINT)"
 
@@ -259,6 +259,13 @@ class DuckDBConnector(Connector):
         sql = f"SELECT count(*), {self.FINGERPRINT} FROM ({query.sql}) q"
         rows, fp = await self._call(lambda con: con.execute(sql, query.params).fetchone())
         return ProbeResult(int(rows), format(int(fp or 0), "x"))
+
+    async def result_schema(self, query: DayQuery, source: SourceInfo | None = None) -> pa.Schema:
+        """The day query with LIMIT 0: DuckDB gives its result's Arrow schema without a row."""
+        await self._land()
+        sql = f"SELECT * FROM ({query.sql}) q LIMIT 0"
+        table = await self._call(lambda con: con.sql(sql, params=query.params).to_arrow_table())
+        return table.schema
 
     async def fetch(self, query: DayQuery, batch_rows: int,
                     source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:

@@ -493,7 +493,7 @@ PERMISSION = re.compile(r'permission denied for (relation|table|view|schema|sequ
 class RedshiftConnector(Connector):
     type_name = "redshift"
     config_model = RedshiftConfig
-    capabilities = Capabilities(fingerprint=False, paramstyle="qmark", quote='"')
+    capabilities = Capabilities(fingerprint=False, paramstyle="qmark", quote='"', row_limit=True)
 
     def __init__(self, config: RedshiftConfig, *, name: str):
         super().__init__(config, name=name)

@@ -399,12 +399,12 @@ def _quiet_close(con: Any) -> None:
 class SnowflakeConnector(Connector):
     type_name = "snowflake"
     config_model = SnowflakeConfig
-    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"')
+    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"', row_limit=True)
 
     @classmethod
     def capabilities_for(cls, config: SnowflakeConfig) -> Capabilities:
         return Capabilities(fingerprint=config.fingerprint, paramstyle="qmark",
-                            quote="" if config.lowercase_columns else '"')
+                            quote="" if config.lowercase_columns else '"', row_limit=True)
 
     @classmethod
     def secret_values(cls, config: SnowflakeConfig) -> list[str]:

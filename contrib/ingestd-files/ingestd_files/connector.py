@@ -213,7 +213,7 @@ def _connect(files: list[str], file_format: str, threads: int) -> duckdb.DuckDBP
 class FilesConnector(Connector):
     type_name = "files"
     config_model = FilesConfig
-    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"')
+    capabilities = Capabilities(fingerprint=True, paramstyle="qmark", quote='"', row_limit=True)
 
     def __init__(self, config: FilesConfig, *, name: str):
         super().__init__(config, name=name)
@@ -288,6 +288,17 @@ class FilesConnector(Connector):
                 sql = f"SELECT * FROM ({query.sql}) q LIMIT 0"
                 await self._call(files, lambda con, sql=sql: con.execute(sql, query.params).fetchall())
                 return
+
+    async def result_schema(self, query: DayQuery, source: SourceInfo | None = None) -> pa.Schema | None:
+        """The day query over the day's files with LIMIT 0: DuckDB gives the result's schema
+        without reading a row (a Parquet footer, the first rows of JSON Lines for their types).
+        None for a day without files: another day's files could say other types."""
+        files = await asyncio.to_thread(self.list_files, self.days_of(query))
+        if not files:
+            return None
+        sql = f"SELECT * FROM ({query.sql}) q LIMIT 0"
+        table = await self._call(files, lambda con: con.sql(sql, params=query.params).to_arrow_table())
+        return table.schema
 
     async def probe(self, query: DayQuery, source: SourceInfo | None = None) -> ProbeResult:
         days = self.days_of(query)

@@ -29,6 +29,7 @@ class Request(Command):
         parser.add_argument("--day")
         parser.add_argument("--id", dest="backfill_id", type=int)
         parser.add_argument("--request-id")
+        parser.add_argument("--rows", type=int, help="preview: rows to read")
         parser.add_argument("--timeout", type=float, default=10.0)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ class Request(Command):
                   file=sys.stderr)
             return EXIT_USAGE
         fields = {"source": args.source, "from": args.first, "to": args.last, "day": args.day,
-                  "backfill_id": args.backfill_id, "request_id": args.request_id}
+                  "backfill_id": args.backfill_id, "request_id": args.request_id, "rows": args.rows}
         body: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
         try:
             result = asyncio.run(send_request(

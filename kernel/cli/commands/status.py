@@ -19,6 +19,23 @@ from ..remote import reach
 from ..terminal import CELLS, calendar_legend, calendar_row, color_enabled, paint
 
 
+def schema_line(schema: dict[str, Any] | None, days: int) -> str | None:
+    """The last change of the source's result schema: while no load has taken it yet, or when it
+    was seen within the days shown."""
+    change = schema and schema["change"]
+    if not change:
+        return None
+    recent = dt.date.fromisoformat(change["day"]) >= dt.date.today() - dt.timedelta(days=days)
+    if not (change["pending"] or recent):
+        return None
+    line = f"  schema changed (seen by a {change['seen_by']} of {change['day']}): {change['summary']}"
+    if change["pending"] and change["blocking"] and change.get("fix"):
+        line += f"; {', '.join(change['mapped'])}: {change['fix']}"
+    elif not change["pending"]:
+        line += " (taken by a later load)"
+    return line
+
+
 class Status(Command):
     name = "status"
     help = "per source: next windows; per day: status, rows, generation (--calendar: a grid of days)"
@@ -68,7 +85,7 @@ class Status(Command):
         elif args.calendar:
             print_calendar(report)
         else:
-            print_status(report)
+            print_status(report, days)
         return EXIT_OK
 
 
@@ -92,7 +109,7 @@ def print_calendar(report: dict[str, Any]) -> None:
     print(calendar_legend(colour))
 
 
-def print_status(report: dict[str, Any]) -> None:
+def print_status(report: dict[str, Any], days: int) -> None:
     colour = color_enabled(sys.stdout)
     for s in report["sources"]:
         print(f"{s['source']} ({s['kind']}, {s['connection']}, {s['timezone']}): last {s['last_status'] or '-'}, "
@@ -104,6 +121,8 @@ def print_status(report: dict[str, Any]) -> None:
             if load["day"] not in shown:
                 print(f"  {load['day']}  {paint('loading  ', 'blue', colour)}  loading gen {load['generation']} "
                       f"({load['rows_so_far']:,} rows so far, {load['trigger']})")
+        if (line := schema_line(s.get("schema"), days)) is not None:
+            print(line)
         for d in s["days"]:
             ready = "  (marked ready)" if d["ready_at"] else ""
             state = paint(f"{d['state']:<9}", CELLS.get(d["state"], ("", ""))[1], colour)
