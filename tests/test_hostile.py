@@ -7,6 +7,7 @@ fails, events out within a second)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -51,18 +52,22 @@ def test_a_daemon_whose_stdout_is_closed_keeps_working_and_stops_on_sigterm(tmp_
     cmd = f"{sys.executable} -m ingestd -c {cfg} run 2>&1 | head -1"
     shell = subprocess.Popen(["bash", "-c", cmd], env=cli_env(), stdout=subprocess.PIPE, text=True,
                              start_new_session=True)
-    first = shell.stdout.readline()
-    assert first.startswith("{"), first
-    pid = int(subprocess.run(["pgrep", "-f", f"^{sys.executable} -m ingestd -c {cfg} run"], capture_output=True,
-                             text=True).stdout.split()[0])
-    wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM windows WHERE kind = 'load'"), timeout=60,
-             what="the start-up window to finish with stdout closed")
-    started = time.monotonic()
-    os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, timeout=30,
-             what="the daemon to exit after SIGTERM")
-    assert time.monotonic() - started < 15
-    shell.wait(10)
+    try:
+        first = shell.stdout.readline()
+        assert first.startswith("{"), first
+        pid = int(subprocess.run(["pgrep", "-f", f"^{sys.executable} -m ingestd -c {cfg} run"],
+                                 capture_output=True, text=True).stdout.split()[0])
+        wait_for(lambda: state_query(tmp_path / "state.db", "SELECT 1 FROM windows WHERE kind = 'load'"),
+                 timeout=60, what="the start-up window to finish with stdout closed")
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, timeout=30,
+                 what="the daemon to exit after SIGTERM")
+        assert time.monotonic() - started < 15
+        shell.wait(10)
+    finally:  # a failed check must not leave the daemon running behind the suite
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
     running = state_query(tmp_path / "state.db", "SELECT count(*) FROM runs WHERE status = 'running'")
     assert running == [(0,)]
 
