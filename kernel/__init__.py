@@ -8,6 +8,7 @@ from __future__ import annotations
 from .core.contracts import (
                         Capabilities,
                         Connector,
+                        Fence,
                         Kind,
                         Observer,
                         ObserverStats,
@@ -22,6 +23,7 @@ from .core.errors import (
                         ConfigError,
                         ConfigErrors,
                         ConnectorError,
+                        FencedOut,
                         IngestdError,
                         PermanentError,
                         PluginError,
@@ -56,6 +58,7 @@ from .plugin.configured import configured_sink
 __all__ = [
     "API_VERSION", "hookimpl",
     "Connector", "Sink", "Observer", "ObserverStats", "Registry", "Capabilities", "ProbeResult", "SourceInfo", "Target",
+    "Fence", "FencedOut",
     "PartitionInfo", "Kind", "DayQuery", "DayWindow", "day_query", "quote_ident",
     "EVENTS_SCHEMA", "METRICS_SCHEMA", "SCHEMAS",
     "Secret", "build_model", "configured_sink", "get_logger", "scrub", "pem_lines",

@@ -138,13 +138,38 @@ class Connector(ABC):
 
 
 @dataclass(frozen=True)
+class Fence:
+    """The lease a `replace` runs under when replicas share a PostgreSQL state store
+    (`[daemon] state_url`): replica `replica` holds `(source, day)` with fencing token `token`
+    (the generation it writes).
+
+    A sink that writes into that same PostgreSQL database checks the lease in the transaction that
+    makes the new rows visible, so a replica whose lease was taken over (it stalled or was thought
+    dead) cannot publish its rows: inside that transaction, run `check_sql` with `params`
+    (PostgreSQL `$1`-style placeholders; it locks the lease row until the commit); no row back
+    means the lease is lost: roll back and raise `FencedOut`. The sink's database is the state
+    store's when `SELECT value FROM <schema>.meta WHERE key = 'store_id'` there returns `store_id`;
+    elsewhere a sink cannot fence its rows, and the kernel's own fenced commit of the state is what
+    stops a stale generation from being recorded. Since API version 2 (additive)."""
+
+    token: int
+    replica: str
+    store_id: str
+    schema: str
+    check_sql: str
+    params: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
 class Target:
-    """The partition a sink replaces, and the generation it writes."""
+    """The partition a sink replaces, and the generation it writes; `fence`, the lease the write
+    runs under when replicas share a state store (None otherwise)."""
 
     kind: Kind
     source: str
     day: dt.date
     generation: int
+    fence: Fence | None = None
 
 
 @dataclass(frozen=True)

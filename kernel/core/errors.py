@@ -46,6 +46,11 @@ class PermanentError(ConnectorError):
     """Retrying will not help: bad SQL, missing table or grant, bad credentials."""
 
 
+class FencedOut(IngestdError):
+    """A write was refused because the replica's lease on its partition was taken over: another
+    replica holds a newer fencing token. Nothing was made visible; the day is the other's now."""
+
+
 class SinkError(IngestdError):
     """The sink could not write; the previous generation stays whole."""
 
