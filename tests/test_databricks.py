@@ -723,7 +723,7 @@ def test_the_server_killed_mid_fetch_is_retried_and_the_day_loads_whole(tmp_path
     the load then completes with every row once."""
     run(admin, EVENTS_TABLE.format(db=db))
     add_events(admin, db, D, 12000)  # two pages of the driver's 10000 rows
-    cfg = write_e2e(tmp_path, proxy, tls, db, attempts=8, base=1.0)
+    cfg = write_e2e(tmp_path, proxy, tls, db, attempts=16, base=1.0)  # ~2 min: Spark restarts slowly on a busy machine
     text = cfg.read_text().replace('[sources.daily]', '[sources.daily]\nenabled = false')
     cfg.write_text(text)
     before = proxy.calls.count("FetchResults")
