@@ -391,3 +391,27 @@ def test_ingestd_load_from_duckdb_into_postgres(pg, tmp_path, warehouse):
     assert out.returncode == 0, out.stdout + out.stderr
     assert sql(pg, "SELECT generation, rows FROM e2e.partitions WHERE source = 'orders'") == [(2, 1520)]
     assert sql(pg, "SELECT count(*), min(generation), max(generation) FROM e2e.events") == [(1520, 2, 2)]
+
+
+def test_without_the_postgres_extra_the_plugin_loads_and_the_sink_says_what_to_install():
+    """The drivers are imported when the sink first needs them: the plugin list stays clean for
+    users without the extra, and a config using the sink gets one clear error."""
+    script = textwrap.dedent("""
+        import asyncio, sys
+        sys.modules["psycopg"] = None                 # as if not installed: importing them raises
+        sys.modules["adbc_driver_postgresql"] = None
+        sys.modules["adbc_driver_manager"] = None
+        from ingestd import SinkError
+        from ingestd.plugin.manager import load_plugins
+        loaded = load_plugins()
+        assert "postgres" in loaded.registry.sinks, "the plugin did not register"
+        cls = loaded.registry.sinks["postgres"]
+        sink = cls(cls.config_model(url="postgresql://u@127.0.0.1:1/db"), name="x")
+        try:
+            asyncio.run(sink.open())
+        except SinkError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'ingestd[postgres]'" in out.stdout

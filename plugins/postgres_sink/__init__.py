@@ -4,7 +4,7 @@ ingest, one transaction per replaced day.
 See README.md beside this file; sample.toml is its documented configuration.
 """
 
-from ingestd import hookimpl
+from ingestd import Registry, hookimpl
 
 from .sink import PostgresSink
 
@@ -12,5 +12,5 @@ INGESTD_API = (2, 2)
 
 
 @hookimpl
-def ingestd_register(registry) -> None:
+def ingestd_register(registry: Registry) -> None:
     registry.add_sink(PostgresSink)

@@ -19,26 +19,24 @@ partition, in this process or another, are serialised by an advisory lock at the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import adbc_driver_manager
-import adbc_driver_postgresql.dbapi as adbc_pg
-import psycopg
 import pyarrow as pa
-from psycopg import sql as psql
 
-from ingestd import FencedOut, Kind, PartitionInfo, Sink, SinkError, Target, ThreadSession, get_logger
+from ingestd import FencedOut, Kind, PartitionInfo, Sink, SinkError, Target, ThreadSession
 
-from . import ddl
+from . import ddl, drivers
 from .config import PostgresSinkConfig
 from .swap import FenceProbe, Swap
 
+if TYPE_CHECKING:
+    import psycopg
+
 T = TypeVar("T")
-log = get_logger(__name__)
-DRIVER_ERRORS = (adbc_driver_manager.Error, psycopg.Error, OSError)
 
 
 class PostgresSink(Sink):
@@ -50,6 +48,7 @@ class PostgresSink(Sink):
         self.config: PostgresSinkConfig = config
         self.schema = config.schema
         self._reader: psycopg.AsyncConnection[Any] | None = None
+        self._reader_lock = asyncio.Lock()
         self._fences = FenceProbe()
 
     @classmethod
@@ -113,6 +112,7 @@ class PostgresSink(Sink):
         _schema_of(kind)
         async with self._guard(f"read generation of {kind} {source} {day}"):
             con = await self._reading()
+            psql = drivers.psycopg().sql
             cur = await con.execute(
                 psql.SQL("SELECT generation, rows FROM {}.partitions WHERE kind = %s AND source = %s AND day = %s")
                 .format(psql.Identifier(self.schema)), (kind, source, day))
@@ -133,6 +133,8 @@ class PostgresSink(Sink):
             con = await self._connect()
         try:
             async with self._guard(what):
+                psycopg = drivers.psycopg()
+                psql = psycopg.sql
                 await con.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
                 await con.set_read_only(True)
                 await con.set_autocommit(False)
@@ -145,7 +147,7 @@ class PostgresSink(Sink):
                     rows = await cur.fetchmany(batch_rows)
                 if not rows:
                     break
-                yield _batch(rows, schema)
+                yield await asyncio.to_thread(_batch, rows, schema)  # Python objects to Arrow: CPU work
         finally:
             with contextlib.suppress(Exception):
                 await con.close()
@@ -159,14 +161,16 @@ class PostgresSink(Sink):
     # -- connections ------------------------------------------------------------------------
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(self.config.url, autocommit=True,
-                                                     **self.config.psycopg_kwargs())
+        connection: psycopg.AsyncConnection[Any] = await drivers.psycopg().AsyncConnection.connect(
+            self.config.url, autocommit=True, **self.config.psycopg_kwargs())
+        return connection
 
     async def _reading(self) -> psycopg.AsyncConnection[Any]:
         """The shared autocommit connection for `read_generation`, made again when it broke."""
-        if self._reader is None or self._reader.closed or self._reader.broken:
-            self._reader = await self._connect()
-        return self._reader
+        async with self._reader_lock:
+            if self._reader is None or self._reader.closed or self._reader.broken:
+                self._reader = await self._connect()
+            return self._reader
 
     async def _ready(self, con: psycopg.AsyncConnection[Any]) -> bool:
         cur = await con.execute("SELECT bool_and(to_regclass(r) IS NOT NULL) FROM unnest(%s::text[]) AS r",
@@ -176,7 +180,7 @@ class PostgresSink(Sink):
 
     def _adbc_connect(self) -> Any:
         """An ADBC connection (autocommit off: every statement is in the replace's transaction)."""
-        return adbc_pg.connect(self.config.adbc_uri())
+        return drivers.adbc().connect(self.config.adbc_uri())
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -189,16 +193,20 @@ class PostgresSink(Sink):
         """Driver errors as `SinkError`s naming the sink, its server and the step; never the password."""
         try:
             yield
-        except DRIVER_ERRORS as exc:
-            raise self._failure(what, exc) from None
+        except Exception as exc:
+            if isinstance(exc, drivers.errors()):
+                raise self._failure(what, exc) from None
+            raise
 
     async def _session_call(self, what: str, session: ThreadSession[Any], work: Callable[[Any], T]) -> T:
         try:
             return await session.call(work)
         except FencedOut:
             raise
-        except DRIVER_ERRORS as exc:
-            raise self._failure(what, exc) from None
+        except Exception as exc:
+            if isinstance(exc, drivers.errors()):
+                raise self._failure(what, exc) from None
+            raise
 
 
 def _calling(fn: Callable[..., T], *args: Any) -> Callable[[Any], T]:

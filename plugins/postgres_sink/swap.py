@@ -74,7 +74,7 @@ class Swap:
         table = pa.Table.from_batches(chunk)
         self.cursor.adbc_ingest(ddl.STAGE, table, mode="append", temporary=True)
         self.staged += table.num_rows
-        return table.num_rows
+        return int(table.num_rows)
 
     def commit(self) -> None:
         """Switches the partition to the staged rows and commits, or raises (and rolls back)."""
