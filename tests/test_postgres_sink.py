@@ -157,6 +157,36 @@ async def test_readers_see_one_whole_generation_while_days_are_replaced(pg):
     assert len({o[0] for o in observations}) >= 3, "the readers saw too few of the generations"
 
 
+async def test_two_sinks_replacing_one_partition_take_turns_at_the_swap(pg):
+    """Two daemons' sinks (two connections) replacing the same day: each swap takes the
+    partition's advisory lock, so one commits after the other and the day holds one whole
+    generation. The test holds that lock itself first: both replaces stage and then wait."""
+    from ingestd.plugins.postgres_sink import ddl
+    first, second = await opened(pg), await opened(pg)
+    source = "turns"
+    try:
+        await first.replace(Target("events", source, DAY, 1), feed(events(source, 1, 300)))
+        with pg.connect(USER, PASSWORD, DB) as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))",
+                           (ddl.partition_lock_key("analytics", "events", source, DAY),))
+            a = asyncio.create_task(first.replace(Target("events", source, DAY, 2),
+                                                  feed(events(source, 2, 1200, start=10_000))))
+            b = asyncio.create_task(second.replace(Target("events", source, DAY, 3),
+                                                   feed(events(source, 3, 800, start=20_000))))
+            await asyncio.sleep(1.5)
+            assert not a.done() and not b.done(), "a swap did not wait for the partition's lock"
+            assert await first.read_generation("events", source, DAY) == PartitionInfo(1, 300)
+            holder.execute("SELECT pg_advisory_unlock_all()")
+            assert sorted(await asyncio.wait_for(asyncio.gather(a, b), 30)) == [800, 1200]
+        info = await first.read_generation("events", source, DAY)
+        assert info in (PartitionInfo(2, 1200), PartitionInfo(3, 800))
+        assert sql(pg, "SELECT count(*), array_agg(DISTINCT generation) FROM analytics.events WHERE source = %s",
+                   (source,)) == [(info.rows, [info.generation])]
+    finally:
+        await first.close()
+        await second.close()
+
+
 # -- kill -9 mid-swap ------------------------------------------------------------------------
 
 KILLED_REPLACE = """

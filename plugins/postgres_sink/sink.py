@@ -64,6 +64,7 @@ class PostgresSink(Sink):
         CREATE privileges open a schema an administrator made. A crash leaves nothing to recover:
         a replace's rows and staging table live in its transaction, which the server rolls back
         when the session dies."""
+        self._fences = FenceProbe()  # learnt again after a reopen: the database may have become a state store
         async with self._guard("open"):
             con = await self._connect()
             try:
