@@ -337,6 +337,9 @@ def test_config_keys_and_secret_values(monkeypatch):
     assert cfg.schema == "analytics" and cfg.password.reveal() == PASSWORD
     assert PostgresSink.secret_values(cfg) == [PASSWORD]
     assert "sslmode=require" in cfg.adbc_uri()
+    with_options = build_model(PostgresSinkConfig, {"url": "postgresql://w@h/db?options=-c%20work_mem%3D64MB"},
+                               "sinks.pg")
+    assert with_options.psycopg_kwargs()["options"] == "-c work_mem=64MB -c timezone=UTC"
     for bad, key in (({"url": "mysql://h/db"}, "url"), ({"url": "postgresql://h/db", "schema": "a;drop"}, "schema"),
                      ({"url": "postgresql://h/db", "sslmode": "maybe"}, "sslmode")):
         with pytest.raises(ConfigErrors, match=f"sinks.pg.{key}"):

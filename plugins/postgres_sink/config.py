@@ -73,7 +73,7 @@ class PostgresSinkConfig:
 
     def psycopg_kwargs(self) -> dict[str, Any]:
         """Keywords for `psycopg.connect(self.url, **kwargs)`: the session runs in UTC."""
-        kwargs: dict[str, Any] = {"connect_timeout": self.connect_timeout_seconds, "options": "-c timezone=UTC"}
+        kwargs: dict[str, Any] = {"connect_timeout": self.connect_timeout_seconds, "options": self._options()}
         if self.password is not None:
             kwargs["password"] = self.password.reveal()
         if self.sslmode is not None:
@@ -90,11 +90,17 @@ class PostgresSinkConfig:
             netloc = f"{user}:{quoted}@{hostport}" if user else f":{quoted}@{hostport}"
         query = dict(urllib.parse.parse_qsl(parsed.query))
         query.setdefault("connect_timeout", str(self.connect_timeout_seconds))
-        query["options"] = "-c timezone=UTC"
+        query["options"] = self._options()
         if self.sslmode is not None:
             query["sslmode"] = self.sslmode
         encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote)  # libpq reads + as a plus
         return urllib.parse.urlunsplit(("postgresql", netloc, parsed.path, encoded, ""))
+
+    def _options(self) -> str:
+        """libpq `options`: the URL's own, then the session's time zone (UTC: timestamps are read
+        back as UTC whatever the server's default)."""
+        given = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.url).query)).get("options", "")
+        return f"{given} -c timezone=UTC".strip()
 
     def redact(self, text: str) -> str:
         """`text` with the password (as given and percent-encoded) masked."""
