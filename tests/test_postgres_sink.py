@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,17 @@ import time
 
 import pytest
 
-from ingestd import ConfigErrors, Fence, FencedOut, PartitionInfo, Secret, SinkError, Target, build_model
+from ingestd import (
+    ConfigErrors,
+    Fence,
+    FencedOut,
+    PartitionInfo,
+    Secret,
+    SinkError,
+    Target,
+    build_model,
+    configured_sink,
+)
 from ingestd.plugins.postgres_sink.config import PostgresSinkConfig
 from ingestd.plugins.postgres_sink.sink import PostgresSink
 from ingestd.testing import SinkSuite
@@ -401,7 +412,7 @@ async def test_a_cancelled_replace_keeps_the_previous_generation(pg):
 
 # -- end to end: ingestd load from a DuckDB warehouse into PostgreSQL --------------------------
 
-def test_ingestd_load_from_duckdb_into_postgres(pg, tmp_path, warehouse):
+async def test_ingestd_load_from_duckdb_into_postgres(pg, tmp_path, warehouse, monkeypatch):
     day = dt.date(2026, 11, 20)
     warehouse.add_events(day, 1500)
     sink = textwrap.dedent(f"""\
@@ -424,6 +435,17 @@ def test_ingestd_load_from_duckdb_into_postgres(pg, tmp_path, warehouse):
     assert out.returncode == 0, out.stdout + out.stderr
     assert sql(pg, "SELECT generation, rows FROM e2e.partitions WHERE source = 'orders'") == [(2, 1520)]
     assert sql(pg, "SELECT count(*), min(generation), max(generation) FROM e2e.events") == [(1520, 2, 2)]
+    # read back as tools and the kit's harness do: the sink built from daemon.toml, through the contract
+    monkeypatch.setenv("PG_SINK_PASSWORD", PASSWORD)
+    sink = configured_sink(cfg)
+    await sink.open()
+    try:
+        assert await sink.read_generation("events", "orders", day) == PartitionInfo(2, 1520)
+        scanned = rows_of([b async for b in sink.scan("events", "orders", day, batch_rows=500)])
+    finally:
+        await sink.close()
+    assert len(scanned) == 1520 and {r["generation"] for r in scanned} == {2}
+    assert {r["event_name"] for r in scanned} == {"click"} and json.loads(scanned[0]["metadata"]) == {"k": 1}
 
 
 def test_without_the_postgres_extra_the_plugin_loads_and_the_sink_says_what_to_install():
