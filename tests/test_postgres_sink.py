@@ -269,8 +269,10 @@ async def test_kill_9_mid_swap_keeps_the_previous_generation(pg, tmp_path):
 
 # -- fencing -----------------------------------------------------------------------------------
 
-CHECK_SQL = ("SELECT 1 FROM fence_state.leases WHERE source = $1 AND day = $2 AND replica = $3 AND token = $4 "
-             "AND expires_at > now() FOR UPDATE")
+CHECK_SQL = ("SELECT 1 FROM fence_state.leases WHERE source = $1::text AND day = $2::text AND replica = $3::text "
+             "AND token = $4::bigint AND expires_at > now() FOR UPDATE")
+"""The check the PostgreSQL state store hands out (kernel/engine/state/leases.py on its branch):
+its `leases.day` is ISO text, so the fence's parameters are cast in the SQL."""
 
 
 @pytest.fixture(scope="module")
@@ -279,18 +281,20 @@ def state_store(pg):
     sql(pg, "CREATE SCHEMA fence_state")
     sql(pg, "CREATE TABLE fence_state.meta (key text PRIMARY KEY, value text NOT NULL)")
     sql(pg, "INSERT INTO fence_state.meta VALUES ('store_id', 'store-7f3')")
-    sql(pg, "CREATE TABLE fence_state.leases (source text, day date, replica text, token bigint, "
-            "expires_at timestamptz)")
+    sql(pg, "CREATE TABLE fence_state.leases (source text NOT NULL, day text NOT NULL, replica text NOT NULL, "
+            "token bigint NOT NULL, expires_at timestamptz NOT NULL, PRIMARY KEY (source, day))")
+    sql(pg, "CREATE TABLE fence_state.partitions (source text, day text, status text, generation bigint)")
     sql(pg, "GRANT USAGE ON SCHEMA fence_state TO sink_writer")
     sql(pg, "GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA fence_state TO sink_writer")
     sql(pg, "INSERT INTO fence_state.leases VALUES ('fenced', %s, 'replica-b', 3, now() + interval '1 hour'), "
-            "('fenced', %s, 'replica-a', 2, now() - interval '1 minute')", (DAY, DAY - dt.timedelta(days=1)))
+            "('fenced', %s, 'replica-a', 2, now() - interval '1 minute')",
+        (DAY.isoformat(), (DAY - dt.timedelta(days=1)).isoformat()))
     return "store-7f3"
 
 
 def fence(replica, token, day=DAY, store_id="store-7f3"):
     return Fence(token=token, replica=replica, store_id=store_id, schema="fence_state", check_sql=CHECK_SQL,
-                 params=("fenced", day, replica, token))
+                 params=("fenced", day.isoformat(), replica, token))
 
 
 async def test_a_replace_under_a_valid_lease_commits_and_a_stale_one_is_fenced_out(pg, state_store):
@@ -328,6 +332,17 @@ async def test_a_fence_of_another_state_store_is_not_checked_here(pg, state_stor
                                   feed(events("elsewhere", 1, 40))) == 40
     finally:
         await sink.close()
+
+
+async def test_a_schema_whose_partitions_table_is_not_the_sinks_is_refused(pg, state_store):
+    """`schema` pointed at the state store's schema: its `partitions` is another table, which
+    CREATE TABLE IF NOT EXISTS would keep; the sink refuses to write it."""
+    sink = PostgresSink(config(pg, schema="fence_state"), name="confused")
+    with pytest.raises(SinkError, match="fence_state.*not this sink's"):
+        await sink.open()
+    await sink.close()
+    assert sql(pg, "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'fence_state' "
+                   "AND table_name = 'partitions'") == [(4,)]
 
 
 # -- config and connection errors --------------------------------------------------------------

@@ -67,6 +67,11 @@ def expected_relations(schema: str) -> list[str]:
     return [f"{quote_ident(schema)}.{name}" for name in (*DATA_TABLES.values(), "partitions", *DATA_TABLES)]
 
 
+PARTITIONS_COLUMNS = frozenset({"kind", "source", "day", "generation", "rows", "loaded_at"})
+"""The columns that tell the sink's `partitions` table from another one of that name (the
+PostgreSQL state store has one too, in its own schema: `ingestd` by default)."""
+
+
 def setup_lock_key(schema: str) -> str:
     """Text hashed into the advisory lock that serialises concurrent opens of one schema (CREATE ...
     IF NOT EXISTS alone races: two sessions may both find a table missing)."""

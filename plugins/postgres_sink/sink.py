@@ -68,12 +68,14 @@ class PostgresSink(Sink):
         async with self._guard("open"):
             con = await self._connect()
             try:
+                await self._check_partitions_table(con, missing_ok=True)
                 if not await self._ready(con):
                     async with con.transaction():
                         await con.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                                           (ddl.setup_lock_key(self.schema),))
                         for statement in ddl.setup_statements(self.schema):
                             await con.execute(statement)
+                await self._check_partitions_table(con)
             finally:
                 await con.close()
 
@@ -178,6 +180,18 @@ class PostgresSink(Sink):
                                 (ddl.expected_relations(self.schema),))
         row = await cur.fetchone()
         return bool(row and row[0])
+
+    async def _check_partitions_table(self, con: psycopg.AsyncConnection[Any], *, missing_ok: bool = False) -> None:
+        """Refuses a schema whose `partitions` table is not the sink's: CREATE TABLE IF NOT EXISTS
+        would have kept it, and the sink would write another program's table (say, a state store
+        sharing the database, pointed at by `schema`)."""
+        cur = await con.execute("SELECT column_name FROM information_schema.columns "
+                                "WHERE table_schema = %s AND table_name = 'partitions'", (self.schema,))
+        columns = {row[0] for row in await cur.fetchall()}
+        if not ddl.PARTITIONS_COLUMNS <= columns and not (missing_ok and not columns):
+            raise SinkError(f"postgres sink {self.name!r} ({self.config.where()}): schema {self.schema!r} has a "
+                            f"partitions table that is not this sink's (columns {', '.join(sorted(columns))}): "
+                            "is it another program's schema, such as the state store's? Choose another `schema`")
 
     def _adbc_connect(self) -> Any:
         """An ADBC connection (autocommit off: every statement is in the replace's transaction)."""
