@@ -33,7 +33,7 @@ from ingestd.plugins.postgres_sink.sink import PostgresSink
 from ingestd.testing import SinkSuite
 from ingestd.testing.sink_suite import DAY, Gate, KitFailure, feed, kit_batches, rows_of
 from tests.postgres import free_port, postgres_cluster  # noqa: F401  (a fixture, requested by name)
-from tests.support import cli_env, ingestd, write_config
+from tests.support import cli_env, ingestd, wait_for, write_config
 
 USER, PASSWORD, DB = "sink_writer", "pg-sink-secret-4f9a", "analytics_db"
 
@@ -398,11 +398,12 @@ async def test_a_failed_stream_rolls_back_and_the_connection_count_returns(pg):
     try:
         def sessions():
             return sql(pg, "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (USER,))[0][0]
-        before = sessions()
+        wait_for(lambda: sessions() == 0, timeout=15, what="earlier tests' sessions to end")
         for _ in range(3):
             with pytest.raises(KitFailure):
                 await sink.replace(Target("events", "leak", DAY, 1), feed(events("leak", 1, 2000), fail_after=2))
-        assert sessions() == before
+        # a closed connection's backend leaves pg_stat_activity a moment later: wait for it, not for ever
+        wait_for(lambda: sessions() == 0, timeout=15, what="the failed replaces' sessions to end")
         assert await sink.read_generation("events", "leak", DAY) is None
     finally:
         await sink.close()
