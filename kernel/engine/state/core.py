@@ -87,6 +87,8 @@ class StoreCore:
         self.lease_seconds = float(lease_seconds)
         self.backend: Backend = (PostgresBackend(url, password=password, schema_name=schema) if url
                                  else SqliteBackend(self.path, exclusive=exclusive))
+        self.exclusive = exclusive and not url
+        """Whether this process is the store's only writer (a SQLite file under its lock)."""
         self.pid = os.getpid()
         self._tx_lock: asyncio.Lock | None = None
 

@@ -122,8 +122,8 @@ class Leases(StoreCore):
         if not self.shared or schema is None:
             return None
         return Fence(token=token, replica=self.replica, store_id=self.store_id, schema=schema,
-                     check_sql=f"SELECT 1 FROM {schema}.leases WHERE source = $1 AND day = $2 AND replica = $3"
-                               " AND token = $4 AND expires_at > now() FOR UPDATE",
+                     check_sql=f"SELECT 1 FROM {schema}.leases WHERE source = $1::text AND day = $2::text"
+                               " AND replica = $3::text AND token = $4::bigint AND expires_at > now() FOR UPDATE",
                      params=(source, day.isoformat(), self.replica, token))
 
     async def check_fence(self, tx: Tx, source: str, day: str, token: int) -> None:

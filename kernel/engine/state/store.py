@@ -33,7 +33,7 @@ class StateStore(Leases):
 
     async def open(self) -> Self:
         await super().open()
-        if self.writer and not self.shared:
+        if self.writer and self.exclusive:
             # One process holds the file: whatever an earlier process left unsent is this one's.
             async with self.transaction() as tx:
                 await tx.db.execute("UPDATE outbox SET replica = ? WHERE replica IS NULL OR replica <> ?",
