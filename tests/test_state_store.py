@@ -321,7 +321,9 @@ async def test_backfill_days_are_each_claimed_once_among_concurrent_claimers(mak
     claimed: dict[str, list] = {}
 
     async def work(store: StateStore) -> None:
-        while (day := await store.claim_backfill_day(b.id, 30)) is not None:
+        for _ in range(40):  # bounded: a claim handed out twice would otherwise loop for ever
+            if (day := await store.claim_backfill_day(b.id, 30)) is None:
+                return
             claimed.setdefault(store.replica, []).append(day)
             await asyncio.sleep(0)
 
@@ -442,6 +444,24 @@ async def test_a_version_3_sqlite_file_migrates_in_place(tmp_path):
         assert store.store_id == meta["store_id"]
     finally:
         await store.close()
+
+
+async def test_a_version_3_file_is_read_before_a_daemon_migrates_it(tmp_path):
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as con:
+        con.executescript(V3_SCHEMA)
+        con.execute("INSERT INTO runs (run_id, source, day, trigger, status, started_at) VALUES"
+                    " ('now', 's', '2026-03-02', 'manual', 'running', '2026-03-03T06:00:00+00:00')")
+    reader = await StateStore(path, writer=False).open()  # `ingestd status` beside an older daemon
+    try:
+        assert [(r.run_id, r.replica) for r in await reader.running_runs()] == [("now", None)]
+        assert (await reader.last_run("s")).run_id == "old"
+        assert set(await reader.latest_runs("s", D1, D2)) == {D1, D2}
+        assert await reader.window_seen("s", "load") == dt.datetime(2026, 3, 2, 6, tzinfo=dt.UTC)
+    finally:
+        await reader.close()
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA user_version").fetchone() == (3,)
 
 
 async def test_the_sqlite_lock_keeps_one_writer(tmp_path):

@@ -42,6 +42,9 @@ class Row:
     def keys(self) -> tuple[str, ...]:
         return self._index
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._index else default
+
     def __len__(self) -> int:
         return len(self._values)
 
@@ -151,8 +154,9 @@ def partition(r: Row) -> PartitionRow:
 
 
 def run(r: Row) -> RunRow:
-    """A `runs` row (extra columns, such as `rowid` or a window's row number, are left out)."""
-    d = {k: r[k] for k in RUN_FIELDS}
+    """A `runs` row (extra columns, such as `rowid` or a window's row number, are left out; a
+    column a version-3 file read without migrating it lacks, `replica`, is None)."""
+    d = {k: r.get(k) for k in RUN_FIELDS}
     d["day"] = dt.date.fromisoformat(d["day"])
     d["first_load"] = None if d["first_load"] is None else bool(d["first_load"])
     return RunRow(**d)
