@@ -201,6 +201,23 @@ async def test_heartbeats_say_who_is_alive(make):
     await asyncio.sleep(0.7)
     await b.heartbeat()
     assert [r.replica for r in await b.live_replicas()] == ["b"]
+    assert await b.forget_replicas(0.5) == 1
+    assert await q(b, "SELECT replica FROM replicas") == [("b",)]
+
+
+async def test_a_broken_postgres_connection_is_made_again(pg):
+    store = await StateStore(Path("unused"), url=pg_url(pg), password=PG_PASSWORD,
+                             schema=f"t_{uuid.uuid4().hex[:10]}", replica="a").open()
+    try:
+        await store.set_partition("s", D1, status="succeeded", generation=1)
+        pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (PG_USER,))
+        assert (await store.partition("s", D1)).generation == 1  # a read: tried again on a new connection
+        with pytest.raises(StateError, match="the connection was lost"):
+            await store.set_partition("s", D2, status="succeeded", generation=1)
+        await store.set_partition("s", D2, status="succeeded", generation=2)  # the next one reconnects
+        assert (await store.partition("s", D2)).generation == 2
+    finally:
+        await store.close()
 
 
 async def test_a_partition_lease_is_held_by_one_replica_and_taken_over_when_it_expires(make):

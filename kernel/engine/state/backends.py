@@ -227,6 +227,8 @@ class SqliteBackend(Backend):
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+CONNECT_TIMEOUT = 10
+"""Seconds to wait for PostgreSQL to answer a connection, unless the URL says `connect_timeout`."""
 
 
 def redact_url(url: str) -> str:
@@ -301,6 +303,8 @@ class PostgresBackend(Backend):
     async def _connect(self) -> Any:
         psycopg = self._psycopg()
         kwargs: dict[str, Any] = {"autocommit": True, "application_name": self._application_name}
+        if "connect_timeout" not in self.url:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
         if self._password is not None:
             kwargs["password"] = self._password
         try:
@@ -379,14 +383,29 @@ class PostgresBackend(Backend):
         return conn
 
     async def fetch(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """A read; one that fails because its connection broke (a server restart, a failover) is
+        tried once more on a new one. Transactions are not: their caller decides."""
         conn = await self._usable("_read")
-        return (await _PgConn(conn, self).execute(sql, params)).rows
+        try:
+            return (await _PgConn(conn, self).execute(sql, params)).rows
+        except self._psycopg().OperationalError:
+            if not conn.broken:
+                raise
+        return (await _PgConn(await self._usable("_read"), self).execute(sql, params)).rows
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
+        """A transaction on the writing connection; one that breaks is a StateError (the next
+        transaction connects again)."""
         conn = await self._usable("_tx")
-        async with conn.transaction():
-            yield _PgConn(conn, self)
+        try:
+            async with conn.transaction():
+                yield _PgConn(conn, self)
+        except self._psycopg().OperationalError as exc:
+            if not conn.broken:
+                raise
+            raise StateError(f"{self.where}: the connection was lost ({self._scrubbed(exc)}); the transaction "
+                             "did not complete (unless it broke while committing)") from None
 
     def is_missing_table(self, exc: BaseException) -> bool:
         return type(exc).__name__ == "UndefinedTable"

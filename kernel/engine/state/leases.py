@@ -79,6 +79,12 @@ class Leases(StoreCore):
                 " THEN replicas.started_at ELSE excluded.started_at END,"
                 " host = excluded.host, pid = excluded.pid", (self.replica, self.host, self.pid))
 
+    async def forget_replicas(self, unseen_seconds: float) -> int:
+        """Drop the rows of replicas not seen for `unseen_seconds`; returns how many."""
+        async with self.transaction() as tx:
+            done = await tx.db.execute("DELETE FROM replicas WHERE seen_at <= $AGO", (float(unseen_seconds),))
+        return done.rowcount
+
     async def live_replicas(self) -> list[ReplicaRow]:
         """Replicas whose last heartbeat is younger than `lease_seconds`."""
         rows = await self._all(f"SELECT * FROM replicas WHERE replica IN ({LIVE}) ORDER BY replica",

@@ -26,6 +26,10 @@ from .rows import (
     stored_schema,
 )
 
+FORGET_REPLICAS_SECONDS = 7 * 86400
+"""A replica not seen for this long loses its `replicas` row (each start with a generated id adds
+one). Nothing else needs the row: a replica without one counts as dead, as it is."""
+
 
 class StateStore(Leases):
     """One store per process. With `url` (PostgreSQL) several replicas share it, each with its
@@ -40,6 +44,7 @@ class StateStore(Leases):
                                     (self.replica, self.replica))
         if self.writer:
             await self.heartbeat()
+            await self.forget_replicas(FORGET_REPLICAS_SECONDS)
         return self
 
     # -- partitions and runs -------------------------------------------------------------
