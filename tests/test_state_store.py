@@ -521,6 +521,13 @@ async def test_a_wrong_postgres_password_is_a_clear_error_without_it(pg):
     assert "password authentication failed" in text and f"{PG_USER}@" in text and wrong not in text
 
 
+async def test_a_password_in_a_url_given_to_the_store_never_shows(pg):
+    url = f"postgresql://{PG_USER}:pw-in-url-3312@{pg.host}:1/state"  # nothing listens on port 1
+    with pytest.raises(StateError) as caught:
+        await StateStore(Path("unused"), url=url).open()
+    assert "pw-in-url-3312" not in str(caught.value) and f"{PG_USER}:***@" in str(caught.value)
+
+
 async def test_without_psycopg_the_error_names_the_extra(pg, monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(StateError, match=r"ingestd\[postgres\]"):

@@ -95,7 +95,8 @@ class Leases(StoreCore):
 
     async def claim_partition(self, source: str, day: dt.date, lease_seconds: float | None = None) -> int | None:
         """Take the lease on (source, day) for `lease_seconds` and return its new fencing token;
-        None while another replica holds a live lease on it."""
+        None while another replica holds a live lease on it. Asked again by its holder, it hands
+        out a new token (what the old one guarded is fenced out): renew with `renew_partition`."""
         async with self.transaction() as tx:
             d = day.isoformat()
             row = (await tx.db.execute(CLAIM_PARTITION, (source, d, self.replica, source, d,
