@@ -34,6 +34,8 @@ def test_load_status_and_run_once_keep_their_state_in_postgres(tmp_path, warehou
     assert pg("SELECT trigger, status, replica FROM ingest.runs") == [("manual", "succeeded", "cli-1")]
     assert pg("SELECT replica FROM ingest.replicas") == [("cli-1",)]
     assert not (tmp_path / "state.db").exists(), "no SQLite state beside a PostgreSQL one"
+    assert pg("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ingestd cli-1'") == [(0,)], \
+        "the command closed its connections"
 
     out = ingestd("run", "--once", "--now", f"{D + dt.timedelta(days=2)}T06:05:00+00:00", config=cfg, env=env)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -210,6 +210,7 @@ async def test_a_broken_postgres_connection_is_made_again(pg):
                              schema=f"t_{uuid.uuid4().hex[:10]}", replica="a").open()
     try:
         await store.set_partition("s", D1, status="succeeded", generation=1)
+        assert pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ingestd a'") == [(2,)]
         pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (PG_USER,))
         assert (await store.partition("s", D1)).generation == 1  # a read: tried again on a new connection
         with pytest.raises(StateError, match="the connection was lost"):

@@ -85,8 +85,9 @@ class StoreCore:
         self.host = socket.gethostname()
         self.replica = replica or default_replica_id(self.host)
         self.lease_seconds = float(lease_seconds)
-        self.backend: Backend = (PostgresBackend(url, password=password, schema_name=schema) if url
-                                 else SqliteBackend(self.path, exclusive=exclusive))
+        self.backend: Backend = (
+            PostgresBackend(url, password=password, schema_name=schema, application_name=f"ingestd {self.replica}"[:63])
+            if url else SqliteBackend(self.path, exclusive=exclusive))
         self.exclusive = exclusive and not url
         """Whether this process is the store's only writer (a SQLite file under its lock)."""
         self.pid = os.getpid()
