@@ -132,6 +132,9 @@ class _SqliteConn:
         await self._db.executemany(self._backend.sql(sql), [tuple(r) for r in rows])
 
 
+ADD_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
 class SqliteBackend(Backend):
     """One SQLite file in WAL mode through one aiosqlite connection. A writer takes the lock file
     beside it (`exclusive`; only tests that play several replicas on one file go without)."""
@@ -186,6 +189,9 @@ class SqliteBackend(Backend):
         async with self.transaction() as tx:
             fresh = not (await tx.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'")).rows
             for statement in schema.steps(version, fresh, self.dialect):
+                added = ADD_COLUMN.match(statement)
+                if added and any(c[1] == added[2] for c in (await tx.execute(f"PRAGMA table_info({added[1]})")).rows):
+                    continue  # a file whose version was set back by hand: the column is there already
                 await tx.execute(statement)
             await tx.execute(META[0], (str(schema.SCHEMA_VERSION),))
             await tx.execute(META[1], (uuid.uuid4().hex,))
