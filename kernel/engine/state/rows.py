@@ -28,8 +28,8 @@ class Row:
         self._index = names
         self._values = tuple(values)
 
-    def __getitem__(self, key: int | str) -> Any:
-        if isinstance(key, int):
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, int | slice):
             return self._values[key]
         try:
             return self._values[self._index.index(key)]
