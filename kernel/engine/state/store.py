@@ -37,14 +37,18 @@ class StateStore(Leases):
 
     async def open(self) -> Self:
         await super().open()
-        if self.writer and self.exclusive:
-            # One process holds the file: whatever an earlier process left unsent is this one's.
-            async with self.transaction() as tx:
-                await tx.db.execute("UPDATE outbox SET replica = ? WHERE replica IS NULL OR replica <> ?",
-                                    (self.replica, self.replica))
-        if self.writer:
-            await self.heartbeat()
-            await self.forget_replicas(FORGET_REPLICAS_SECONDS)
+        try:
+            if self.writer and self.exclusive:
+                # One process holds the file: whatever an earlier process left unsent is this one's.
+                async with self.transaction() as tx:
+                    await tx.db.execute("UPDATE outbox SET replica = ? WHERE replica IS NULL OR replica <> ?",
+                                        (self.replica, self.replica))
+            if self.writer:
+                await self.heartbeat()
+                await self.forget_replicas(FORGET_REPLICAS_SECONDS)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     # -- partitions and runs -------------------------------------------------------------
