@@ -525,5 +525,5 @@ async def test_a_version_2_state_store_gains_the_result_schemas_table(tmp_path):
         assert stored is not None and (stored.day, stored.columns[0]["name"], stored.seen) == (D, "ts", None)
     finally:
         await store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (3,)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (4,)
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
+import uuid
 from collections.abc import Mapping as ReadOnlyMap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from .contracts import Connector, Observer, Registry, Sink
 from .errors import ConfigError, ConfigErrors
@@ -43,11 +46,37 @@ class DaemonSection:
     max_backfill_days: int = 366
     umask: str = "077"
     """The umask of every file ingestd creates (state store, sink files, lock): owner only."""
+    state_url: str = ""
+    """`postgresql://user@host:port/db`: the state store lives in PostgreSQL, shared by replicas
+    (`state_path` then only places local files: the HTTP token and endpoint). No password in it:
+    `state_password` (`_env`, `_file`), or libpq's passfile or service through the URL."""
+    state_password: Secret | None = None
+    state_schema: str = "ingestd"
+    """The PostgreSQL schema of the state tables (created if missing)."""
+    replica_id: str = ""
+    """This daemon's name among replicas sharing a state store (default: the host name and a
+    random suffix per process). A stable id lets a restarted daemon take back its own unsent
+    events and interrupted runs at once; two running daemons must never share one."""
+    lease_seconds: float = 30.0
+    """How long a partition lease, a window or backfill-day claim and a heartbeat last unrenewed."""
 
     def validate(self) -> None:
         for key in ("max_concurrent_loads", "batch_rows", "retry_attempts", "max_backfill_days"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, "must be at least 1")
+        if self.state_url:
+            check_state_url(self.state_url)
+        elif self.state_password is not None:
+            raise ConfigError("state_password", "is set but state_url is not: the password is for a PostgreSQL "
+                                                "state store")
+        if not STATE_SCHEMA.match(self.state_schema):
+            raise ConfigError("state_schema", "expected a plain lower-case PostgreSQL name (letters, digits, _; "
+                                              f"not starting with a digit), got {self.state_schema!r}")
+        if self.replica_id and not REPLICA_ID.match(self.replica_id):
+            raise ConfigError("replica_id", "expected 1..64 letters, digits, '.', '_' or '-' (it is used in MQTT "
+                                            f"topics), got {self.replica_id!r}")
+        if self.lease_seconds < 5:
+            raise ConfigError("lease_seconds", "must be at least 5")
         if not (self.umask.isdigit() and set(self.umask) <= set("01234567") and len(self.umask) <= 4):
             raise ConfigError("umask", f"expected an octal umask such as \"077\", got {self.umask!r}")
 
@@ -107,6 +136,27 @@ class HttpSection:
                                       "so that the control API is not open to the network")
         if self.token is not None and len(self.token.reveal()) < 16:
             raise ConfigError("token", "must be at least 16 characters")
+
+
+STATE_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+REPLICA_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PROCESS_SUFFIX = uuid.uuid4().hex[:6]
+"""The default replica id's suffix: one per process, so two daemons on one host differ."""
+
+
+def check_state_url(url: str) -> None:
+    """A `postgresql://` URL without a password (errors never repeat the URL: it may hold one)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError as exc:
+        raise ConfigError("state_url", f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("state_url", f"expected a postgresql://user@host:port/database URL, got scheme "
+                                       f"{parts.scheme!r}")
+    if password is not None or "password=" in parts.query.lower():
+        raise ConfigError("state_url", "holds a password: give it with state_password_env or state_password_file "
+                                       "(or a libpq passfile or service), never in the URL")
 
 
 def is_loopback(host: str) -> bool:
@@ -196,10 +246,14 @@ class Config:
     def instance(self) -> str:
         return self.daemon.instance or socket.gethostname()
 
+    def replica_id(self) -> str:
+        """This process's id among replicas sharing the state store (`[daemon] replica_id`)."""
+        return self.daemon.replica_id or f"{socket.gethostname()}-{PROCESS_SUFFIX}"
+
     def secrets(self) -> list[str]:
         """Every secret value of this config: each `Secret` field, and what the plugins derive from
         structured secrets (the fields of a key file). `ingestd.core.secrets` scrubs them."""
-        values = secret_values(self.bus) + secret_values(self.http)
+        values = secret_values(self.daemon) + secret_values(self.bus) + secret_values(self.http)
         for plugged in (*self.sinks.values(), *self.connections.values(), *self.observers.values()):
             values += secret_values(plugged.config) + plugged.derived_secrets
         return [v for v in values if v]

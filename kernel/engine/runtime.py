@@ -24,7 +24,7 @@ from ..core.events import Event
 from ..core.secrets import SECRETS, scrub_value
 from ..plugin.manager import LoadedPlugins
 from .job import Job
-from .state import StateStore
+from .state import store_for
 
 log = logs.get("ingestd")
 
@@ -103,8 +103,8 @@ class Runtime:
         self.config = config
         self.plugins = plugins
         self.dispatch = Dispatcher(plugins)
-        self.state = StateStore(config.state_path(), outbox=config.bus.enabled if outbox is None else outbox,
-                                on_events=self.dispatch)
+        self.state = store_for(config, outbox=config.bus.enabled if outbox is None else outbox,
+                               on_events=self.dispatch)
         self._connectors: dict[str, _Shared[Connector]] = {}
         self._sinks: dict[str, _Shared[Sink]] = {}
         self._retired: list[_Shared[Connector] | _Shared[Sink]] = []

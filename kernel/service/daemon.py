@@ -238,7 +238,9 @@ class Daemon:
             log.error("config.reload_refused", error=str(exc))
             self.notifier.ready(self.status_line())
             return
-        restart_needed = [f"daemon.{k}" for k in ("state_path", "log_level", "max_concurrent_loads")
+        restart_keys = ("state_path", "state_url", "state_password", "state_schema", "replica_id", "lease_seconds",
+                        "log_level", "max_concurrent_loads")
+        restart_needed = [f"daemon.{k}" for k in restart_keys
                           if getattr(new.daemon, k) != getattr(old.daemon, k)]
         restart_needed += ["bus"] if new.bus != old.bus else []
         restart_needed += ["http"] if new.http != old.http else []

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from ...engine.state import StateStore
+from ...engine.state import store_for
 from ...http.client import Unreachable
 from ...service.views import calendar_report, status_report
 from ..registry import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Command, days_arg, setup
@@ -70,7 +70,7 @@ class Status(Command):
             report: dict[str, Any] = answer["data"]
         else:
             async def read() -> dict[str, Any]:
-                state = await StateStore(config.state_path(), writer=False).open()
+                state = await store_for(config, writer=False).open()
                 try:
                     now = dt.datetime.now(dt.UTC)
                     if args.calendar:

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from ...engine.state import StateStore
+from ...engine.state import store_for
 from ..registry import EXIT_OK, EXIT_USAGE, Command, date_arg, setup
 
 
@@ -35,7 +35,7 @@ class Usage(Command):
         config, _ = setup(args.config)
 
         async def read() -> list[dict[str, Any]]:
-            state = await StateStore(config.state_path(), writer=False).open()
+            state = await store_for(config, writer=False).open()
             try:
                 return await state.usage(args.first, args.last, ran_from=args.ran_from, ran_to=args.ran_to, by=args.by)
             finally:
