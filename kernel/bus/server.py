@@ -11,6 +11,9 @@ Topics under `ingestd/<instance>` (or `[bus].base_topic`):
 - `source/<source>/state` (retained): last loaded day, last status, next windows.
 - `request/<command>` in, answered on `response/<command>` or the MQTT 5 response topic. A
   retained request is answered with an error and ignored: a restart must never replay one.
+- With `[bus] shared` (replicas of one cluster): requests come through the shared subscription
+  `$share/<group>/<base>/request/+`, so the broker hands each to one replica, and each replica's
+  `state` (and will) is its own, under `replica/<replica_id>/state`.
 aiomqtt does not reconnect by itself: `run` reconnects forever with backoff and jitter after any
 error, while the daemon keeps ingesting and the outbox keeps the events. Handling one message
 never ends the bus: its failure is logged with the traceback and answered with an error.
@@ -77,7 +80,15 @@ class Bus:
         self.cfg = cfg.bus
         self.instance = cfg.instance()
         self.base = base_topic(cfg.bus, self.instance)
+        self.replica = rt.replica
+        self.group = cfg.bus.share_group(self.instance)
         self.client_id = cfg.bus.client_id or f"ingestd-{self.instance}"
+        if self.group is not None:  # one session per replica: a shared client id would kick the others off
+            self.client_id = f"{self.client_id}-{self.replica}"
+        self.state_topic = (f"{self.base}/replica/{self.replica}/state" if self.group is not None
+                            else f"{self.base}/state")
+        requests = f"{self.base}/request/+"
+        self.request_filter = f"$share/{self.group}/{requests}" if self.group is not None else requests
         self.client: aiomqtt.Client | None = None
         self.pending = asyncio.Event()
         self.dirty_sources: set[str] = set(cfg.sources)
@@ -111,13 +122,17 @@ class Bus:
         await client.publish(topic, data, qos=1, retain=retain, properties=properties)
 
     def _online(self) -> dict[str, Any]:
-        return {"state": "online", "instance": self.instance, "since": self.connected_at, "heartbeat_at": _now()}
+        return {"state": "online", "instance": self.instance, **self._replica(), "since": self.connected_at,
+                "heartbeat_at": _now()}
+
+    def _replica(self) -> dict[str, str]:
+        return {"replica": self.replica} if self.group is not None else {}
 
     def _will(self) -> aiomqtt.Will:
-        lost = {"state": "offline", "instance": self.instance, "reason": "lost",
+        lost = {"state": "offline", "instance": self.instance, **self._replica(), "reason": "lost",
                 "detail": "the connection ended without a clean stop (killed, crashed or cut off); the last "
                           "online state's heartbeat_at says when the daemon was last alive"}
-        return aiomqtt.Will(f"{self.base}/state", scrub(json.dumps(lost)).encode(), qos=1, retain=True)
+        return aiomqtt.Will(self.state_topic, scrub(json.dumps(lost)).encode(), qos=1, retain=True)
 
     async def run(self) -> None:
         attempt = 0
@@ -130,8 +145,8 @@ class Bus:
                     attempt = 0
                     self.connected_at = _now()
                     log.info("bus.connected", host=self.cfg.host, port=self.cfg.port, base=self.base)
-                    await client.subscribe(f"{self.base}/request/+", qos=1)
-                    await self.publish(client, f"{self.base}/state", self._online(), retain=True)
+                    await client.subscribe(self.request_filter, qos=1)
+                    await self.publish(client, self.state_topic, self._online(), retain=True)
                     self.connected.set()
                     self.dirty_sources |= set(self.rt.config.sources)
                     self.pending.set()
@@ -157,7 +172,7 @@ class Bus:
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
-            await self.publish(client, f"{self.base}/state", self._online(), retain=True)
+            await self.publish(client, self.state_topic, self._online(), retain=True)
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         state = self.rt.state
@@ -235,6 +250,7 @@ class Bus:
                         await self.publish(client, f"{self.base}/event/{source or '_daemon'}/{kind}",
                                            {**payload, "seq": seq})
                         await self.rt.state.outbox_delete([seq])
-                    await self.publish(client, f"{self.base}/state", {
-                        "state": "offline", "instance": self.instance, "reason": "stopped", "at": _now(),
+                    await self.publish(client, self.state_topic, {
+                        "state": "offline", "instance": self.instance, **self._replica(), "reason": "stopped",
+                        "at": _now(),
                         "since": self.connected_at}, retain=True)

@@ -102,6 +102,22 @@ class BusSection:
     max_payload_bytes: int = 65536
     heartbeat_seconds: float = 60.0
     """How often the retained online state's `heartbeat_at` is refreshed."""
+    shared: bool | str = False
+    """Replicas of one cluster (README "Running several daemons"): requests are taken through the
+    MQTT 5 shared subscription `$share/<group>/<base>/request/+`, so each is answered by one
+    replica; the group is the instance name when `true`, or this name. Each replica publishes its
+    own retained state (and will) under `<base>/replica/<replica_id>/state`."""
+
+    def share_group(self, instance: str) -> str | None:
+        """The shared-subscription group, or None when requests are not shared."""
+        if self.shared is False:
+            return None
+        return instance if self.shared is True else self.shared
+
+    def validate(self) -> None:
+        if isinstance(self.shared, str) and (not self.shared or any(c in self.shared for c in "/+#$ ")):
+            raise ConfigError("shared", f"a cluster name must be one topic level without '/', '+', '#', '$' or "
+                                        f"spaces, got {self.shared!r}")
 
 
 @dataclass

@@ -4,8 +4,9 @@ resumable after a kill. The same request id twice runs once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..core import logs
 from ..core.errors import IngestdError
@@ -18,6 +19,8 @@ log = logs.get("ingestd.backfill")
 
 
 MAX_REQUEST_ID = 128
+BUSY_RETRY_SECONDS = 1.0
+Record = Callable[[str, dt.date, Outcome], Awaitable[None]]
 
 
 class BackfillRejected(IngestdError):
@@ -62,38 +65,23 @@ async def submit(rt: Runtime, source: str | list[str], first: dt.date, last: dt.
 
 async def run(rt: Runtime, backfill_id: int,
               on_progress: Callable[[int, int, str, dt.date, str], None] | None = None) -> str:
-    """Run the pending days of a backfill, oldest first; returns its final status."""
-    pending = await rt.state.backfill_days(backfill_id, "pending")
-    limit = asyncio.Semaphore(rt.config.daemon.max_concurrent_loads)
+    """Run the pending days of a backfill, oldest first; returns its final status. With replicas,
+    each day is claimed first (`claim_backfill_day`), so the replicas share the days."""
 
-    async def one(source: str, day: dt.date) -> None:
-        try:
-            current = await rt.state.backfill(backfill_id)
-            if current is None or current.status == "cancelled" or rt.stopping.is_set():
-                return
-            try:
-                outcome = await load_day(rt, source, day, "backfill", backfill_id=backfill_id)
-            except SourceGone as exc:
-                outcome = Outcome("failed", reason=str(exc))
+    async def record(source: str, day: dt.date, outcome: Outcome) -> None:
+        def progress(done: int, total: int) -> list[Event]:
+            if on_progress:
+                on_progress(done, total, source, day, outcome.status)
+            rt.activity[f"backfill/{backfill_id}"] = f"backfill {done}/{total}"
+            return [event(BackfillProgress, source, day, outcome.run_id, backfill_id=backfill_id, done=done,
+                          total=total, status=outcome.status)]
 
-            def progress(done: int, total: int) -> list[Event]:
-                if on_progress:
-                    on_progress(done, total, source, day, outcome.status)
-                rt.activity[f"backfill/{backfill_id}"] = f"backfill {done}/{total}"
-                return [event(BackfillProgress, source, day, outcome.run_id, backfill_id=backfill_id, done=done,
-                              total=total, status=outcome.status)]
+        await rt.state.finish_backfill_day(backfill_id, source, day, outcome.status, outcome.run_id, progress)
 
-            await rt.state.finish_backfill_day(backfill_id, source, day, outcome.status, outcome.run_id, progress)
-        finally:
-            limit.release()
-
-    async with asyncio.TaskGroup() as group:
-        for source, day, _ in pending:
-            await limit.acquire()
-            if rt.stopping.is_set():
-                limit.release()
-                break
-            group.create_task(one(source, day))
+    if rt.shared:
+        await _run_claimed(rt, backfill_id, record)
+    else:
+        await _run_local(rt, backfill_id, record)
     rt.activity.pop(f"backfill/{backfill_id}", None)
     current = await rt.state.backfill(backfill_id)
     if current is None or current.status == "cancelled":
@@ -108,6 +96,74 @@ async def run(rt: Runtime, backfill_id: int,
         succeeded=sum(1 for d in days if d[2] == "succeeded"), emptied=sum(1 for d in days if d[2] == "emptied"),
         empty=sum(1 for d in days if d[2] == "empty"), failed=failed, skipped=current.skipped)])
     return status
+
+
+async def _load(rt: Runtime, backfill_id: int, source: str, day: dt.date) -> Outcome:
+    try:
+        return await load_day(rt, source, day, "backfill", backfill_id=backfill_id)
+    except SourceGone as exc:
+        return Outcome("failed", reason=str(exc))
+
+
+async def _run_local(rt: Runtime, backfill_id: int, record: Record) -> None:
+    """The embedded store: this process runs every pending day, `max_concurrent_loads` at once."""
+    pending = await rt.state.backfill_days(backfill_id, "pending")
+    limit = asyncio.Semaphore(rt.config.daemon.max_concurrent_loads)
+
+    async def one(source: str, day: dt.date) -> None:
+        try:
+            current = await rt.state.backfill(backfill_id)
+            if current is None or current.status == "cancelled" or rt.stopping.is_set():
+                return
+            await record(source, day, await _load(rt, backfill_id, source, day))
+        finally:
+            limit.release()
+
+    async with asyncio.TaskGroup() as group:
+        for source, day, _ in pending:
+            await limit.acquire()
+            if rt.stopping.is_set():
+                limit.release()
+                break
+            group.create_task(one(source, day))
+
+
+async def _run_claimed(rt: Runtime, backfill_id: int, record: Record) -> None:
+    """Replicas: `max_concurrent_loads` workers each claim the oldest unclaimed day (a claim
+    renewed while its load runs, and lapsing if this replica dies) until none is left."""
+
+    async def worker() -> None:
+        while not rt.stopping.is_set():
+            current = await rt.state.backfill(backfill_id)
+            if current is None or current.status != "running":
+                return
+            claimed = await rt.state.claim_backfill_day(backfill_id, rt.lease_seconds)
+            if claimed is None:
+                return
+            source, day = claimed
+            renewer = asyncio.create_task(_renew_day(rt, backfill_id, source, day))
+            try:
+                outcome = await _load(rt, backfill_id, source, day)
+                while outcome.status == "busy" and not rt.stopping.is_set():
+                    await asyncio.sleep(BUSY_RETRY_SECONDS)  # the day's own window is loading it now
+                    outcome = await _load(rt, backfill_id, source, day)
+            finally:
+                renewer.cancel()
+                with contextlib.suppress(BaseException):
+                    await renewer
+            if outcome.status not in ("busy", "fenced"):  # fenced: the replica that took the day over records it
+                await record(source, day, outcome)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(rt.config.daemon.max_concurrent_loads):
+            group.create_task(worker())
+
+
+async def _renew_day(rt: Runtime, backfill_id: int, source: str, day: dt.date) -> None:
+    while True:
+        await asyncio.sleep(rt.lease_seconds / 3)
+        with contextlib.suppress(Exception):  # lapsing lets another replica take the day: its load is leased
+            await rt.state.renew_backfill_day(backfill_id, source, day, rt.lease_seconds)
 
 
 async def cancel(rt: Runtime, backfill_id: int) -> bool:

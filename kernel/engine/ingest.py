@@ -25,14 +25,15 @@ import pyarrow as pa
 from ..core import logs
 from ..core.config import DaemonSection
 from ..core.contracts import ProbeResult, Target, aclosing_stream
-from ..core.errors import IngestdError, PermanentError, RejectLimitExceeded, TransientError
+from ..core.errors import FencedOut, IngestdError, PermanentError, RejectLimitExceeded, TransientError
 from ..core.events import CheckChanged, CheckHeld, CheckUnchanged, LoadEmpty, LoadFailed, LoadStarted, LoadSucceeded
 from ..core.schema import RowMapper
 from . import drift
 from .job import Job
+from .lease import Lease, partition_lease
 from .runtime import Runtime, SinkUnavailable, event
 from .slices import fetch_slices
-from .state import PartitionRow
+from .state import PartitionRow, RunRow
 
 log = logs.get("ingestd.ingest")
 T = TypeVar("T")
@@ -41,7 +42,7 @@ QUEUE_DEPTH = 2
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # succeeded | emptied | empty | held | failed
+    status: str  # succeeded | emptied | empty | held | failed | busy (another replica holds the day)
     run_id: str | None = None
     generation: int | None = None
     rows: int = 0
@@ -123,14 +124,39 @@ async def load_day(rt: Runtime, source: str, day: dt.date, trigger: str, **kw: A
 
 async def load_partition(rt: Runtime, job: Job, day: dt.date, trigger: str, *,
                          backfill_id: int | None = None, found: ProbeResult | None = None) -> Outcome:
-    """Load one day of one source and replace it in the sink, exactly once, atomically."""
+    """Load one day of one source and replace it in the sink, exactly once, atomically. With
+    replicas, under the day's lease (engine/lease.py): `busy` when another replica holds it."""
     source = job.source
-    async with rt.partition_lock(source, day), rt.slots:
+    async with rt.partition_lock(source, day), rt.slots, partition_lease(rt, source, day) as lease:
+        if lease is None:
+            return Outcome("busy", reason="another replica is loading this day")
+        if lease.token is not None and trigger == "scheduled" and await _loaded_meanwhile(rt, source, day):
+            return Outcome("skipped", reason="another replica loaded this day meanwhile")
         rt.activity[f"{source}/{day}"] = f"loading {source} {day}"
         try:
-            return await _load(rt, job, day, trigger, backfill_id, found)
+            return await _load(rt, job, day, trigger, backfill_id, found, lease)
+        except FencedOut as exc:
+            return await _fenced(rt, source, day, lease, exc)
         finally:
             rt.activity.pop(f"{source}/{day}", None)
+
+
+async def _loaded_meanwhile(rt: Runtime, source: str, day: dt.date) -> bool:
+    """Whether the day holds a generation now (read under its lease): a window that saw it
+    unloaded may have waited while another replica loaded it."""
+    part = await rt.state.partition(source, day)
+    return bool(part and (part.generation > 0 or part.ready_at) and part.status != "failed")
+
+
+async def _fenced(rt: Runtime, source: str, day: dt.date, lease: Lease, exc: FencedOut) -> Outcome:
+    """The lease was taken over before this load's commit: nothing of it was made visible or
+    recorded on the partition, which is the other replica's now. Only the run says so."""
+    reason = f"fenced out: {exc}"
+    log.warning("load.fenced", source=source, day=day.isoformat(), run_id=lease.run_id, token=lease.token,
+                replica=rt.replica)
+    if lease.run_id is not None:
+        await rt.state.finish_run(lease.run_id, status="failed", reason=reason)
+    return Outcome("fenced", lease.run_id, reason=reason)
 
 
 def _now() -> str:
@@ -138,7 +164,7 @@ def _now() -> str:
 
 
 async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: int | None,
-                found: ProbeResult | None) -> Outcome:
+                found: ProbeResult | None, lease: Lease) -> Outcome:
     """The rules of one load (README "How it works"): a day with rows loads once it is ready (the
     user's `ready` signal, else `ready_query`, else having rows); a day that lost its rows is
     replaced by an empty generation, and a large drop found by the daemon itself is held for the
@@ -160,16 +186,17 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         else:
             ready = await ready_answer(job, day)
     except Exception as exc:  # every failure is recorded as a run, with its reason
-        return await _fail_without_run(rt, source, day, trigger, backfill_id, exc, started, marks)
+        return await _fail_without_run(rt, source, day, trigger, backfill_id, exc, started, marks, lease)
+    fence: dict[str, Any] = {"fence_token": lease.token} if lease.token is not None else {}
     if not ready:
         why = "no rows yet" if found.rows == 0 else "ready_query says the day is not ready"
-        run_id = await rt.state.start_run(source, day, trigger, served, backfill_id, lambda rid: [],
-                                          first_load=served == 0)
+        run_id = lease.run_id = await rt.state.start_run(source, day, trigger, served, backfill_id, lambda rid: [],
+                                                         first_load=served == 0)
         fields: dict[str, Any] = {"checked_at": _now(), **marks}
         if served == 0:
             fields.update(status="empty", rows=0, source_rows=0, error=None)
         await rt.state.finish_run(run_id, status="empty", reason=why, rows_fetched=0, rows_written=0,
-                                  rows_rejected=0, duration_ms=_ms(started), partition=fields,
+                                  rows_rejected=0, duration_ms=_ms(started), partition=fields, **fence,
                                   events=[event(LoadEmpty, source, day, run_id, trigger=trigger, reason=why,
                                                 source_rows=found.rows)])
         return Outcome("empty", run_id, served or None, reason=why)
@@ -177,8 +204,8 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         await _record_hold(rt, source, day, part, found.rows, held)
         return Outcome("held", None, served, reason=f"held: {served_rows} -> {found.rows} rows (-{held:.1f}%)")
     visible = await job.sink.read_generation(src.kind, source, day)
-    generation = max(served, visible.generation if visible else 0) + 1
-    run_id = await rt.state.start_run(
+    generation = max(served, visible.generation if visible else 0, lease.floor() - 1) + 1
+    run_id = lease.run_id = await rt.state.start_run(
         source, day, trigger, generation, backfill_id,
         lambda rid: [event(LoadStarted, source, day, rid, trigger=trigger, generation=generation)],
         first_load=served == 0)
@@ -193,8 +220,11 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
 
     try:
         stats = await with_retry(
-            job.daemon, "load", lambda: _stream(job, day, generation, failed, _Progress(rt, run_id), check_schema),
+            job.daemon, "load", lambda: _stream(job, day, generation, failed, _Progress(rt, run_id), check_schema,
+                                              lease),
             source=source, day=day.isoformat(), run_id=run_id, generation=generation)
+    except FencedOut:
+        raise
     except (Exception, asyncio.CancelledError) as exc:  # every failure is recorded on the run, with its reason
         transient = isinstance(exc, (TransientError, asyncio.CancelledError))
         reason = str(exc) or type(exc).__name__
@@ -206,7 +236,7 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
         stats = failed
         await rt.state.finish_run(
             run_id, status="failed", reason=reason, duration_ms=_ms(started),
-            partition={"status": "failed", "error": reason, "checked_at": _now(), **marks},
+            partition={"status": "failed", "error": reason, "checked_at": _now(), **marks}, **fence,
             rows_fetched=stats.get("fetched"), rows_rejected=stats.get("rejected"), rejects=stats.get("reasons"),
             samples=stats.get("samples"),
             events=[event(LoadFailed, source, day, run_id, trigger=trigger, reason=reason, transient=transient,
@@ -221,7 +251,7 @@ async def _load(rt: Runtime, job: Job, day: dt.date, trigger: str, backfill_id: 
     await rt.state.finish_run(
         run_id, status="succeeded", rows_fetched=stats["fetched"], rows_written=stats["written"],
         rows_rejected=stats["rejected"], rejects=stats["reasons"], samples=stats["samples"],
-        fingerprint=found.fingerprint, duration_ms=duration,
+        fingerprint=found.fingerprint, duration_ms=duration, **fence,
         partition={"status": status, "generation": generation, "rows": stats["written"],
                    "source_rows": stats["fetched"], "fingerprint": found.fingerprint, "loaded_at": now,
                    "checked_at": now, "error": None, "held_rows": None, **marks},
@@ -254,16 +284,17 @@ async def _record_hold(rt: Runtime, source: str, day: dt.date, part: PartitionRo
 
 
 async def _fail_without_run(rt: Runtime, source: str, day: dt.date, trigger: str, backfill_id: int | None,
-                            exc: Exception, started: float, marks: dict[str, Any]) -> Outcome:
+                            exc: Exception, started: float, marks: dict[str, Any], lease: Lease) -> Outcome:
     part = await rt.state.partition(source, day)
     reason = str(exc) if isinstance(exc, IngestdError) else f"{type(exc).__name__}: {exc}"
     if not isinstance(exc, IngestdError):
         log.error("probe.error", source=source, day=day.isoformat(), exc_info=exc)
     served = part.generation if part else 0
-    run_id = await rt.state.start_run(source, day, trigger, served, backfill_id, lambda rid: [],
-                                      first_load=served == 0)
+    run_id = lease.run_id = await rt.state.start_run(source, day, trigger, served, backfill_id, lambda rid: [],
+                                                     first_load=served == 0)
+    fence: dict[str, Any] = {"fence_token": lease.token} if lease.token is not None else {}
     await rt.state.finish_run(
-        run_id, status="failed", reason=reason, duration_ms=_ms(started),
+        run_id, status="failed", reason=reason, duration_ms=_ms(started), **fence,
         partition={"status": "failed", "error": reason, "checked_at": _now(), **marks},
         events=[event(LoadFailed, source, day, run_id, trigger=trigger, reason=reason,
                       transient=isinstance(exc, TransientError), serving=served or None)])
@@ -294,7 +325,8 @@ _DONE = object()
 
 async def _stream(job: Job, day: dt.date, generation: int, failed: dict[str, Any],
                   progress: Callable[[int], Awaitable[None]] | None = None,
-                  on_schema: Callable[[pa.Schema], Awaitable[None]] | None = None) -> dict[str, Any]:
+                  on_schema: Callable[[pa.Schema], Awaitable[None]] | None = None,
+                  lease: Lease | None = None) -> dict[str, Any]:
     """One attempt: fetch, map and write overlapping; returns counts (and `schema`, the result
     schema of the first batch). Raises on any failure, after which the sink still holds the
     previous generation and `failed` the attempt's counts. `on_schema` sees the first batch's
@@ -367,7 +399,7 @@ async def _stream(job: Job, day: dt.date, generation: int, failed: dict[str, Any
 
     tasks = [asyncio.create_task(fetch_stage()), asyncio.create_task(map_stage())]
     try:
-        target = Target(src.kind, source, day, generation)
+        target = Target(src.kind, source, day, generation, lease.fence if lease else None)
         stats["written"] = await job.sink.replace(target, batches())
         await asyncio.gather(*tasks)
     except BaseException:
@@ -425,28 +457,49 @@ async def recheck_day(rt: Runtime, job: Job, day: dt.date) -> str:
 
 
 async def recover(rt: Runtime) -> list[str]:
-    """Settle runs left `running` by a killed process, from what the sink really holds."""
+    """Settle runs left `running` by a killed process, from what the sink really holds. With
+    replicas, a run is settled under its day's lease: one whose replica still holds the lease is
+    running, not interrupted, and is left alone."""
     settled = []
     for run in await rt.state.running_runs():
-        if run.source not in rt.config.sources:
-            await rt.state.finish_run(run.run_id, status="failed", reason="interrupted; source no longer configured")
-            continue
-        kind = rt.config.sources[run.source].kind
-        info = await rt.sink_of(run.source).read_generation(kind, run.source, run.day)
-        if info and run.generation and info.generation == run.generation:
-            now = dt.datetime.now(dt.UTC).isoformat()
-            await rt.state.finish_run(
-                run.run_id, status="succeeded", reason="completed before the process stopped; settled at restart",
-                rows_written=info.rows, partition={"status": "succeeded", "generation": info.generation,
-                                                   "rows": info.rows, "source_rows": info.rows, "loaded_at": now,
-                                                   "error": None},
-                events=[event(LoadSucceeded, run.source, run.day, run.run_id, trigger=run.trigger,
-                              generation=info.generation, rows=info.rows, recovered=True)])
-        else:
-            reason = "interrupted: the process stopped during the load; the previous generation was kept"
-            await rt.state.finish_run(
-                run.run_id, status="failed", reason=reason, partition={"status": "failed", "error": reason},
-                events=[event(LoadFailed, run.source, run.day, run.run_id, trigger=run.trigger, reason=reason,
-                              transient=True)])
-        settled.append(run.run_id)
+        lock = rt.partition_lock(run.source, run.day)
+        if lock.locked():
+            continue  # this process is loading that day now
+        async with lock, partition_lease(rt, run.source, run.day) as lease:
+            if lease is not None and await _settle_run(rt, run):
+                settled.append(run.run_id)
     return settled
+
+
+async def _settle_run(rt: Runtime, run: RunRow) -> bool:
+    """Settle one interrupted run, from what the sink holds; False if it ended meanwhile."""
+    if (current := await rt.state.run(run.run_id)) is None or current.status != "running":
+        return False
+    if run.source not in rt.config.sources:
+        await rt.state.finish_run(run.run_id, status="failed", reason="interrupted; source no longer configured")
+        return True
+    kind = rt.config.sources[run.source].kind
+    info = await rt.sink_of(run.source).read_generation(kind, run.source, run.day)
+    part = await rt.state.partition(run.source, run.day)
+    if part is not None and run.generation and part.generation >= run.generation:
+        # A later load (another replica's, after this run's lease lapsed) published since: the
+        # partition is that load's; only the run is closed.
+        await rt.state.finish_run(run.run_id, status="failed", reason="interrupted: the process stopped during the "
+                                  f"load; generation {part.generation} was published by a later load since")
+        return True
+    if info and run.generation and info.generation == run.generation:
+        now = dt.datetime.now(dt.UTC).isoformat()
+        await rt.state.finish_run(
+            run.run_id, status="succeeded", reason="completed before the process stopped; settled at restart",
+            rows_written=info.rows, partition={"status": "succeeded", "generation": info.generation,
+                                               "rows": info.rows, "source_rows": info.rows, "loaded_at": now,
+                                               "error": None},
+            events=[event(LoadSucceeded, run.source, run.day, run.run_id, trigger=run.trigger,
+                          generation=info.generation, rows=info.rows, recovered=True)])
+    else:
+        reason = "interrupted: the process stopped during the load; the previous generation was kept"
+        await rt.state.finish_run(
+            run.run_id, status="failed", reason=reason, partition={"status": "failed", "error": reason},
+            events=[event(LoadFailed, run.source, run.day, run.run_id, trigger=run.trigger, reason=reason,
+                          transient=True)])
+    return True

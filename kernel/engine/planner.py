@@ -3,13 +3,16 @@ catch-up of days missed while the daemon was down."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import AsyncIterator
 
 from ..core import logs
 from ..core.config import Config
 from ..core.scheduler import CronWindows
 from .drift import probe_schema
 from .ingest import load_partition, recheck_day
+from .lease import window_claim
 from .runtime import Runtime, SourceGone
 
 log = logs.get("ingestd.planner")
@@ -48,18 +51,21 @@ async def run_load_window(rt: Runtime, source: str, now: dt.datetime) -> dict[dt
     done: dict[dt.date, str] = {}
     if source not in rt.config.sources or (newest := newest_day(rt, source, now)) is None:
         return done
-    try:
-        for day in lookback(rt, source, newest):
-            if rt.stopping.is_set():
-                break
-            part = await rt.state.partition(source, day)
-            if part and (part.generation > 0 or part.ready_at) and part.status != "failed":
-                continue  # loaded (or marked ready by the user): re-checks watch it from now on
-            async with rt.job(source) as job:
-                done[day] = (await load_partition(rt, job, day, "scheduled")).status
-    except SourceGone:
-        return done
-    await rt.state.mark_window(source, "load", now)
+    async with _claimed(rt, source, "load", now) as claimed:
+        if not claimed:
+            return done
+        try:
+            for day in lookback(rt, source, newest):
+                if rt.stopping.is_set():
+                    break
+                part = await rt.state.partition(source, day)
+                if part and (part.generation > 0 or part.ready_at) and part.status != "failed":
+                    continue  # loaded (or marked ready by the user): re-checks watch it from now on
+                async with rt.job(source) as job:
+                    done[day] = (await load_partition(rt, job, day, "scheduled")).status
+        except SourceGone:
+            return done
+        await rt.state.mark_window(source, "load", now)
     return done
 
 
@@ -70,19 +76,32 @@ async def run_recheck_window(rt: Runtime, source: str, now: dt.datetime) -> dict
     if source not in rt.config.sources:
         return done
     newest = newest_day(rt, source, now)
-    try:
-        if newest is not None:
-            async with rt.job(source) as job:
-                await probe_schema(rt, job, newest)
-            for day in lookback(rt, source, newest):
-                if rt.stopping.is_set():
-                    break
+    async with _claimed(rt, source, "recheck", now) as claimed:
+        if not claimed:
+            return done
+        try:
+            if newest is not None:
                 async with rt.job(source) as job:
-                    done[day] = await recheck_day(rt, job, day)
-    except SourceGone:
-        return done
-    await rt.state.mark_window(source, "recheck", now)
+                    await probe_schema(rt, job, newest)
+                for day in lookback(rt, source, newest):
+                    if rt.stopping.is_set():
+                        break
+                    async with rt.job(source) as job:
+                        done[day] = await recheck_day(rt, job, day)
+        except SourceGone:
+            return done
+        await rt.state.mark_window(source, "recheck", now)
     return done
+
+
+@contextlib.asynccontextmanager
+async def _claimed(rt: Runtime, source: str, kind: str, now: dt.datetime) -> AsyncIterator[bool]:
+    """The window of `kind` due at `now`, claimed for this replica (engine/lease.py); always
+    granted with the embedded store."""
+    windows = load_windows(rt.config, source) if kind == "load" else recheck_windows(rt.config, source)
+    due = windows.last_at_or_before(now) if windows is not None else None
+    async with window_claim(rt, source, kind, due or now) as claimed:
+        yield claimed
 
 
 async def window_due(rt: Runtime, source: str, kind: str, now: dt.datetime) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import os
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
@@ -99,12 +100,22 @@ class _Shared(Generic[R]):
 
 
 class Runtime:
-    def __init__(self, config: Config, plugins: LoadedPlugins, *, outbox: bool | None = None):
+    def __init__(self, config: Config, plugins: LoadedPlugins, *, outbox: bool | None = None, daemon: bool = False):
         self.config = config
         self.plugins = plugins
         self.dispatch = Dispatcher(plugins)
+        self.replica = config.replica_id() if daemon else f"{config.replica_id()}.cli-{os.getpid()}"
+        """This process's id among replicas (`[daemon] replica_id` for the daemon). A CLI command
+        beside a running daemon is a replica of its own: with the daemon's id, its claims would
+        take over (and fence out) the daemon's own leases."""
         self.state = store_for(config, outbox=config.bus.enabled if outbox is None else outbox,
-                               on_events=self.dispatch)
+                               on_events=self.dispatch, replica=self.replica)
+        self.shared = self.state.shared
+        """The state store is shared by replicas (PostgreSQL): loads, windows and backfill days are
+        claimed first (engine/lease.py)."""
+        self.lease_seconds = config.daemon.lease_seconds
+        self.window_slots = asyncio.Semaphore(config.daemon.max_concurrent_loads)
+        """Windows this replica runs at once when shared (engine/lease.py `window_claim`)."""
         self._connectors: dict[str, _Shared[Connector]] = {}
         self._sinks: dict[str, _Shared[Sink]] = {}
         self._retired: list[_Shared[Connector] | _Shared[Sink]] = []

@@ -27,11 +27,12 @@ ServiceFactory = Callable[[Runtime, Control], "Service | None"]
 """Makes a service for a daemon, or None when the config leaves it off."""
 
 
-async def open_runtime(config: Config, plugins: LoadedPlugins, *, sinks_required: bool = True) -> Runtime:
+async def open_runtime(config: Config, plugins: LoadedPlugins, *, sinks_required: bool = True,
+                       daemon: bool = False) -> Runtime:
     """The runtime opened (state store locked, sinks open) with interrupted runs settled. With
     `sinks_required` False (the daemon), sinks that cannot be opened yet are left to
     `Daemon.serve`, which settles interrupted runs once they are open."""
-    rt = await Runtime(config, plugins).open(sinks_required=sinks_required)
+    rt = await Runtime(config, plugins, daemon=daemon).open(sinks_required=sinks_required)
     try:
         if rt.sinks_ready:
             await settle(rt)
@@ -64,7 +65,7 @@ async def local_control(config: Config, plugins: LoadedPlugins) -> AsyncIterator
 
 async def make_daemon(config: Config, plugins: LoadedPlugins, services: Sequence[ServiceFactory] = (),
                       notifier: Notifier | None = None) -> Daemon:
-    rt = await open_runtime(config, plugins, sinks_required=False)
+    rt = await open_runtime(config, plugins, sinks_required=False, daemon=True)
     try:
         tasks = Tasks()
         control = Control(rt, tasks, activity=lambda: ", ".join(sorted(rt.activity.values())) or "idle")

@@ -97,6 +97,8 @@ class Daemon:
                                             sources=sorted(self.config.sources))])
             self.notifier.ready(self.status_line())
             self.tasks.spawn(self._heartbeat(), SERVICE + "heartbeat")
+            if self.rt.shared:
+                self.tasks.spawn(self._cluster(), SERVICE + "cluster")
             await self._window_loop()
         finally:
             await self.shutdown()
@@ -209,6 +211,36 @@ class Daemon:
     def status_line(self) -> str:
         busy = sorted(self.rt.activity.values())
         return ", ".join(busy) if busy else f"idle, {len(self.config.sources)} sources"
+
+    async def _cluster(self) -> None:
+        """Replicas (a shared state store): say this replica is alive every third of a lease,
+        and once a lease take over what dead or stalled replicas left: their interrupted runs
+        (settled), their unsent events (the outbox), windows whose claim lapsed, and the days of
+        running backfills."""
+        rt = self.rt
+        swept = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await rt.state.heartbeat()
+                if loop.time() - swept >= rt.lease_seconds:
+                    swept = loop.time()
+                    await self._sweep()
+            except Exception as exc:  # the state store is unreachable for now: try again next tick
+                log.warning("cluster.sweep_failed", error=str(exc), replica=rt.replica)
+            await asyncio.sleep(rt.lease_seconds / 3)
+
+    async def _sweep(self) -> None:
+        rt = self.rt
+        if self._settle is not None:
+            await self._settle(rt)
+        adopted = await rt.state.adopt_outbox(rt.lease_seconds)
+        if adopted:
+            log.info("outbox.adopted", events=adopted, replica=rt.replica)
+        await self.control.resume_backfills()
+        for name, src in self.config.sources.items():
+            if src.enabled and name not in self._windows_running and not rt.stopping.is_set():
+                self._start_window(name, "due", functools.partial(self._run_due, name))
 
     async def _heartbeat(self) -> None:
         """Pings the watchdog from the event loop itself, so a blocked loop stops the pings."""

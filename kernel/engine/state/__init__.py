@@ -44,9 +44,12 @@ def open_args(config: Config) -> dict[str, Any]:
 
 
 def store_for(config: Config, *, outbox: bool = False, on_events: Callable[[list[Event]], None] | None = None,
-              writer: bool = True) -> StateStore:
-    """The state store `config` names (not opened yet)."""
-    return StateStore(config.state_path(), outbox=outbox, on_events=on_events, writer=writer, **open_args(config))
+              writer: bool = True, replica: str | None = None) -> StateStore:
+    """The state store `config` names (not opened yet); `replica` overrides the configured id."""
+    args = open_args(config)
+    if replica is not None:
+        args["replica"] = replica
+    return StateStore(config.state_path(), outbox=outbox, on_events=on_events, writer=writer, **args)
 
 
 __all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "Backfill", "PartitionRow", "ReplicaRow", "Row", "RunRow",

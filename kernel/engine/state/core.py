@@ -40,10 +40,12 @@ class ScrubbingConnection:
 class Tx:
     """One open write transaction; `emit` queues an event into the outbox within it."""
 
-    def __init__(self, conn: Conn, outbox: bool, replica: str):
+    def __init__(self, conn: Conn, outbox: bool, replica: str, *, tag: bool = False):
         self.db = ScrubbingConnection(conn)
         self.outbox = outbox
         self.replica = replica
+        self.tag = tag
+        """Whether each event's payload names the replica that committed it (replicas share the store)."""
         self.events: list[Event] = []
 
     def emit(self, event: Event) -> None:
@@ -54,8 +56,11 @@ class Tx:
             return
         await self.db.executemany(
             "INSERT INTO outbox (type, source, payload, created_at, replica) VALUES (?, ?, ?, ?, ?)",
-            [(e.type, e.source, json.dumps(e.to_json(), default=str), iso(now_utc()), self.replica)
+            [(e.type, e.source, json.dumps(self.payload(e), default=str), iso(now_utc()), self.replica)
              for e in self.events])
+
+    def payload(self, event: Event) -> dict[str, Any]:
+        return {**event.to_json(), "replica": self.replica} if self.tag else event.to_json()
 
     async def upsert_partition(self, source: str, day: str, **fields: Any) -> None:
         cols = ["source", "day", *fields]
@@ -114,7 +119,7 @@ class StoreCore:
     async def transaction(self) -> AsyncIterator[Tx]:
         assert self._tx_lock is not None, "the state store is not open"
         async with self._tx_lock, self.backend.transaction() as conn:
-            tx = Tx(conn, self.outbox_enabled, self.replica)
+            tx = Tx(conn, self.outbox_enabled, self.replica, tag=self.shared)
             yield tx
             await tx.flush_outbox()
         if tx.events:

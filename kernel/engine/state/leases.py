@@ -155,7 +155,28 @@ class Leases(StoreCore):
                                                       self._seconds(lease_seconds)))).fetchone()
         return row is not None
 
+    async def renew_window(self, source: str, kind: str, due_at: dt.datetime,
+                           lease_seconds: float | None = None) -> bool:
+        """Extend this replica's unexpired claim of a window while it runs; False when it lapsed."""
+        async with self.transaction() as tx:
+            done = await tx.db.execute(
+                "UPDATE windows SET claim_expires = $EXPIRES WHERE source = ? AND kind = ? AND claimed_by = ?"
+                " AND claim_due = ? AND claim_expires > $NOW",
+                (self._seconds(lease_seconds), source, kind, self.replica, utc_iso(due_at)))
+        return done.rowcount == 1
+
     # -- backfill days --------------------------------------------------------------------------
+
+    async def renew_backfill_day(self, backfill_id: int, source: str, day: dt.date,
+                                 lease_seconds: float | None = None) -> bool:
+        """Extend this replica's unexpired claim of a backfill day while it loads; False when it
+        lapsed (another replica may take the day; its load is leased, so never concurrent)."""
+        async with self.transaction() as tx:
+            done = await tx.db.execute(
+                "UPDATE backfill_days SET claim_expires = $EXPIRES WHERE backfill_id = ? AND source = ? AND day = ?"
+                " AND claimed_by = ? AND status = 'pending' AND claim_expires > $NOW",
+                (self._seconds(lease_seconds), backfill_id, source, day.isoformat(), self.replica))
+        return done.rowcount == 1
 
     async def claim_backfill_day(self, backfill_id: int,
                                  lease_seconds: float | None = None) -> tuple[str, dt.date] | None:

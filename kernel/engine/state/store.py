@@ -125,6 +125,10 @@ class StateStore(Leases):
                 f" OR replica NOT IN ({LIVE})) ORDER BY started_at", (self.replica, self.lease_seconds))
         return [run(r) for r in rows]
 
+    async def run(self, run_id: str) -> RunRow | None:
+        rows = await self._all("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        return run(rows[0]) if rows else None
+
     async def last_run(self, source: str) -> RunRow | None:
         rows = await self._all("SELECT * FROM runs WHERE source = ? AND status != 'running'"
                                " ORDER BY finished_at DESC LIMIT 1", (source,))
@@ -257,15 +261,20 @@ class StateStore(Leases):
             for e in events(_int(done), _int(total)):
                 tx.emit(e)
 
-    async def finish_backfill(self, backfill_id: int, status: str, events: Iterable[Event] = ()) -> None:
+    async def finish_backfill(self, backfill_id: int, status: str, events: Iterable[Event] = ()) -> bool:
+        """End a running backfill with `status` and its events; False (nothing written) when it
+        was not running: replicas finishing its last days at once end it, and say so, once."""
         async with self.transaction() as tx:
-            await tx.db.execute("UPDATE backfills SET status = ?, finished_at = ? WHERE id = ?",
-                                (status, iso(now_utc()), backfill_id))
+            done = await tx.db.execute("UPDATE backfills SET status = ?, finished_at = ? WHERE id = ?"
+                                       " AND status = 'running'", (status, iso(now_utc()), backfill_id))
+            if done.rowcount != 1:
+                return False
             if status == "cancelled":
                 await tx.db.execute("UPDATE backfill_days SET status = 'cancelled' WHERE backfill_id = ?"
                                     " AND status = 'pending'", (backfill_id,))
             for e in events:
                 tx.emit(e)
+        return True
 
     # -- result schemas (drift) ----------------------------------------------------------------
 
