@@ -16,7 +16,8 @@ Layout of the file:
 A replace never holds a whole day in one open transaction (DuckDB keeps an open transaction's
 rows in memory, about 125 MB per million event rows): it journals the write, deletes leftovers of
 non-visible generations of the partition (a retry may reuse a generation number), appends the
-new generation in committed chunks of `chunk_rows`, switches `partitions` to it in one short
+new generation batch by batch as they arrive (on a cursor of the replace's own, so the write
+overlaps the stages that feed it), committing every `chunk_rows` rows, switches `partitions` to it in one short
 transaction, then deletes the old rows and the journal entry together. A failure at any point
 leaves the previous generation visible; a crash leaves journalled garbage that the next `open()`
 or replace of that partition deletes.
@@ -26,9 +27,9 @@ life. DuckDB lets one process write a file and no other process read it meanwhil
 would lock analysts out for as long as the daemon runs; this way they can open it
 (`duckdb -readonly analytics.duckdb`) between loads, and a load that finds their read lock waits
 up to `lock_wait_seconds` for it. Closing also checkpoints, so readers get a compact file.
-All DuckDB calls run on one worker thread per sink, one call at a time, so the connection is
-never used by two threads and concurrent replaces of different partitions interleave safely
-(each call is a whole transaction).
+All DuckDB calls run on one worker thread per sink, one call at a time, so a connection is
+never used by two threads; concurrent replaces of different partitions interleave safely (each
+call is a whole transaction, except a replace's appends, whose open chunk is on its own cursor).
 """
 
 from __future__ import annotations
@@ -131,28 +132,24 @@ class DuckDBSink(Sink):
         async with lock, self._session():
             what = f"replace {target.kind} {target.source} {target.day} with generation {target.generation}"
             await self._call(what, self._start_write, target, table)
-            written = 0
+            writer = await self._call(what, self._writer, target, table, schema)
             try:
-                chunk: list[pa.RecordBatch] = []
-                chunk_rows = 0
                 async for batch in batches:
                     batch = _conform(batch, schema, target)
-                    if not batch.num_rows:
-                        continue
-                    chunk.append(batch)
-                    chunk_rows += batch.num_rows
-                    if chunk_rows >= self.config.chunk_rows:
-                        await self._call(what, self._append, target, table, schema, chunk)
-                        written += chunk_rows
-                        chunk, chunk_rows = [], 0
-                if chunk:
-                    await self._call(what, self._append, target, table, schema, chunk)
-                    written += chunk_rows
+                    if batch.num_rows:
+                        await self._call(what, writer.append, batch)
+                await self._call(what, writer.commit)
+                written = writer.written
                 await self._call(what, self._switch, target, written)
             except BaseException:
                 with contextlib.suppress(Exception):
+                    await self._call(what, writer.abandon)
+                with contextlib.suppress(Exception):
                     await self._call(what, self._discard, target, table)
                 raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._call(what, writer.close)
             with contextlib.suppress(SinkError):  # the new generation is visible; leftovers wait for the next open
                 await self._call(what, self._discard, target, table)
             return written
@@ -269,17 +266,14 @@ class DuckDBSink(Sink):
                    {**key, "generation": target.generation})
             _delete_invisible(con, table, target.kind, target.source, target.day)
 
-    def _append(self, target: Target, table: str, schema: pa.Schema, chunk: list[pa.RecordBatch]) -> None:
-        con = self._connection()
-        columns = ", ".join(f'"{n}"' for n in schema.names)
-        select = ", ".join("CAST($generation AS BIGINT)" if n == "generation" else f'"{n}"' for n in schema.names)
-        con.register(_CHUNK_VIEW, pa.Table.from_batches(chunk, schema))
+    def _writer(self, target: Target, table: str, schema: pa.Schema) -> _Writer:
+        cursor = self._connection().cursor()
         try:
-            _query(con, f"INSERT INTO {table} ({columns}) SELECT {select} FROM {_CHUNK_VIEW}",
-                   {"generation": target.generation})
-        finally:
-            con.unregister(_CHUNK_VIEW)
-        _release_written_blocks(con)
+            _query(cursor, "SET TimeZone = 'UTC'")
+        except BaseException:
+            cursor.close()
+            raise
+        return _Writer(cursor, target, table, schema, self.config.chunk_rows)
 
     def _switch(self, target: Target, rows: int) -> None:
         con = self._connection()
@@ -320,6 +314,56 @@ class DuckDBSink(Sink):
         except BaseException:
             cursor.close()
             raise
+
+
+@dataclass
+class _Writer:
+    """Appends one replace's batches as they come, on a cursor of its own (so its open
+    transaction is its own while other replaces of the sink run their calls in between), and
+    commits every `chunk_rows` rows: the write overlaps the stages that feed it, and an open
+    transaction never holds more than a chunk. Its methods run on the sink's worker thread."""
+
+    cursor: duckdb.DuckDBPyConnection
+    target: Target
+    table: str
+    schema: pa.Schema
+    chunk_rows: int
+    written: int = 0
+    pending: int = 0
+    in_transaction: bool = False
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        names = self.schema.names
+        columns = ", ".join(f'"{n}"' for n in names)
+        select = ", ".join("CAST($generation AS BIGINT)" if n == "generation" else f'"{n}"' for n in names)
+        if not self.in_transaction:
+            self.cursor.begin()
+            self.in_transaction = True
+        self.cursor.register(_CHUNK_VIEW, batch)
+        try:
+            _query(self.cursor, f"INSERT INTO {self.table} ({columns}) SELECT {select} FROM {_CHUNK_VIEW}",
+                   {"generation": self.target.generation})
+        finally:
+            self.cursor.unregister(_CHUNK_VIEW)
+        self.pending += batch.num_rows
+        if self.pending >= self.chunk_rows:
+            self.commit()
+
+    def commit(self) -> None:
+        if self.in_transaction:
+            self.cursor.commit()
+            self.in_transaction = False
+            self.written += self.pending
+            self.pending = 0
+            _release_written_blocks(self.cursor)
+
+    def abandon(self) -> None:
+        if self.in_transaction:
+            self.in_transaction, self.pending = False, 0
+            self.cursor.rollback()
+
+    def close(self) -> None:
+        self.cursor.close()
 
 
 @dataclass
