@@ -37,8 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import queue
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,17 +134,28 @@ class DuckDBSink(Sink):
             what = f"replace {target.kind} {target.source} {target.day} with generation {target.generation}"
             await self._call(what, self._start_write, target, table)
             writer = await self._call(what, self._writer, target, table, schema)
+            loop = asyncio.get_running_loop()
+            chunk: _Chunk | None = None
             try:
                 async for batch in batches:
                     batch = _conform(batch, schema, target)
-                    if batch.num_rows:
-                        await self._call(what, writer.append, batch)
-                await self._call(what, writer.commit)
-                written = writer.written
-                await self._call(what, self._switch, target, written)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._call(what, writer.abandon)
+                    if not batch.num_rows:
+                        continue
+                    if chunk is None:  # one INSERT per chunk, reading the batches as they come
+                        chunk = _Chunk(loop, schema)
+                        chunk.done = asyncio.ensure_future(self._call(what, writer.insert, chunk))
+                    await chunk.put(batch)
+                    if chunk.rows >= self.config.chunk_rows:
+                        await chunk.finish()
+                        chunk = None
+                if chunk is not None:
+                    await chunk.finish()
+                    chunk = None
+                await self._call(what, self._switch, target, writer.written)
+            except BaseException as exc:
+                if chunk is not None:
+                    with contextlib.suppress(BaseException):
+                        await chunk.fail(exc)
                 with contextlib.suppress(Exception):
                     await self._call(what, self._discard, target, table)
                 raise
@@ -152,7 +164,7 @@ class DuckDBSink(Sink):
                     await self._call(what, writer.close)
             with contextlib.suppress(SinkError):  # the new generation is visible; leftovers wait for the next open
                 await self._call(what, self._discard, target, table)
-            return written
+            return writer.written
 
     async def read_generation(self, kind: Kind, source: str, day: dt.date) -> PartitionInfo | None:
         table, _ = _table_of(kind)
@@ -273,7 +285,7 @@ class DuckDBSink(Sink):
         except BaseException:
             cursor.close()
             raise
-        return _Writer(cursor, target, table, schema, self.config.chunk_rows)
+        return _Writer(cursor, target, table, schema)
 
     def _switch(self, target: Target, rows: int) -> None:
         con = self._connection()
@@ -316,51 +328,81 @@ class DuckDBSink(Sink):
             raise
 
 
+class _Chunk:
+    """The batches of one chunk, handed from the event loop to the INSERT that reads them on the
+    sink's worker thread (as an Arrow stream): at most `DEPTH` wait, `put` waits for room."""
+
+    DEPTH = 2
+    END = object()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, schema: pa.Schema):
+        self.loop, self.schema = loop, schema
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.room = asyncio.Semaphore(self.DEPTH)
+        self.rows = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def put(self, batch: pa.RecordBatch) -> None:
+        assert self.done is not None
+        room = asyncio.ensure_future(self.room.acquire())
+        await asyncio.wait([room, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if not room.done():  # the INSERT ended early (it failed): its error is the one to raise
+            room.cancel()
+            await self.done
+            raise SinkError("the chunk's INSERT ended before its batches")
+        self.queue.put(batch)
+        self.rows += batch.num_rows
+
+    async def finish(self) -> None:
+        """No more batches: wait for the INSERT and its commit."""
+        assert self.done is not None
+        self.queue.put(self.END)
+        await self.done
+
+    async def fail(self, exc: BaseException) -> None:
+        """Stop the INSERT with `exc` (it rolls back) and wait for it to end."""
+        assert self.done is not None
+        self.queue.put(exc if isinstance(exc, Exception) else SinkError("the replace was cancelled"))
+        await asyncio.shield(self.done)
+
+    def reader(self) -> pa.RecordBatchReader:
+        def batches() -> Iterator[pa.RecordBatch]:
+            while (item := self.queue.get()) is not self.END:
+                if isinstance(item, BaseException):
+                    raise item
+                self.loop.call_soon_threadsafe(self.room.release)
+                assert isinstance(item, pa.RecordBatch)
+                yield item
+
+        return pa.RecordBatchReader.from_batches(self.schema, batches())
+
+
 @dataclass
 class _Writer:
-    """Appends one replace's batches as they come, on a cursor of its own (so its open
-    transaction is its own while other replaces of the sink run their calls in between), and
-    commits every `chunk_rows` rows: the write overlaps the stages that feed it, and an open
-    transaction never holds more than a chunk. Its methods run on the sink's worker thread."""
+    """Appends one replace's chunks on a cursor of its own. Each chunk is one INSERT reading its
+    batches as they come (so the write overlaps the stages that feed it, and DuckDB writes the
+    chunk's row groups straight to the file as one large append) and one transaction; its
+    blocks are then released (`_release_written_blocks`). Methods run on the worker thread."""
 
     cursor: duckdb.DuckDBPyConnection
     target: Target
     table: str
     schema: pa.Schema
-    chunk_rows: int
     written: int = 0
-    pending: int = 0
-    in_transaction: bool = False
 
-    def append(self, batch: pa.RecordBatch) -> None:
+    def insert(self, chunk: _Chunk) -> None:
         names = self.schema.names
         columns = ", ".join(f'"{n}"' for n in names)
         select = ", ".join("CAST($generation AS BIGINT)" if n == "generation" else f'"{n}"' for n in names)
-        if not self.in_transaction:
-            self.cursor.begin()
-            self.in_transaction = True
-        self.cursor.register(_CHUNK_VIEW, batch)
+        self.cursor.register(_CHUNK_VIEW, chunk.reader())
         try:
-            _query(self.cursor, f"INSERT INTO {self.table} ({columns}) SELECT {select} FROM {_CHUNK_VIEW}",
-                   {"generation": self.target.generation})
+            with _transaction(self.cursor):
+                _query(self.cursor, f"INSERT INTO {self.table} ({columns}) SELECT {select} FROM {_CHUNK_VIEW}",
+                       {"generation": self.target.generation})
         finally:
             self.cursor.unregister(_CHUNK_VIEW)
-        self.pending += batch.num_rows
-        if self.pending >= self.chunk_rows:
-            self.commit()
-
-    def commit(self) -> None:
-        if self.in_transaction:
-            self.cursor.commit()
-            self.in_transaction = False
-            self.written += self.pending
-            self.pending = 0
-            _release_written_blocks(self.cursor)
-
-    def abandon(self) -> None:
-        if self.in_transaction:
-            self.in_transaction, self.pending = False, 0
-            self.cursor.rollback()
+        self.written += chunk.rows
+        _release_written_blocks(self.cursor)
 
     def close(self) -> None:
         self.cursor.close()
