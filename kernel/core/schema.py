@@ -348,8 +348,11 @@ class RowMapper:
             self._con.unregister("batch")
         reasons = table.column("_reject")
         ok = pc.is_null(reasons)
-        good = table.filter(ok).select(self.schema.names)
-        good = good.cast(self.schema)
+        good = table.select(self.schema.names)
+        if reasons.null_count != table.num_rows:  # some rows are rejected (else no copy of the batch)
+            good = good.filter(ok)
+        if not good.schema.equals(self.schema):
+            good = good.cast(self.schema)
         rejects: Counter[str] = Counter()
         samples: list[dict[str, Any]] = []
         if good.num_rows != table.num_rows:
