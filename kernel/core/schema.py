@@ -262,21 +262,27 @@ class RowMapper:
             ts_missing = once(f"{q(m.timestamp)} IS NULL", "_ts_missing")
             name = once(_text(q(m.event_name)), "_name")
             value = once(_text(q(m.event_value)), "_value") if m.event_value else _text(None)
-            # json_merge_patch('{}', x) leaves out null members (all levels) and writes the JSON
-            # compactly; x itself when it is not an object, so the object test is on its text.
-            # Folded columns are patched in after: each replaces (a NULL one removes) the member
-            # of its name.
+            # json_merge_patch('{}', x, ...) leaves out null members (all levels) and writes the
+            # JSON compactly; folded columns are patched in after the JSON object, each replacing
+            # (a NULL one removing) the member of its name. Without folded columns the object test
+            # is on the written text (json_merge_patch('{}', x) is x itself when x is not an
+            # object), which saves parsing the JSON once more.
             folded = [f"{_sql_str(c)}, {once(q(c), f'_meta{i}')}" for i, c in enumerate(m.metadata)]
             patch = f"json_object({', '.join(folded)})" if folded else None
             bad_meta = "FALSE"
             if m.metadata_json:
                 mj = once(f"TRY_CAST(CAST({q(m.metadata_json)} AS VARCHAR) AS JSON)", "_mj")
                 mj_given = once(f"{q(m.metadata_json)} IS NOT NULL", "_mj_given")
-                second.append(f"CAST(json_merge_patch('{{}}', {mj}) AS VARCHAR) AS _mj_text")
-                is_object = "coalesce(starts_with(v._mj_text, '{'), FALSE)"
+                if patch:
+                    second.append(f"coalesce(json_type({mj}) = 'OBJECT', FALSE) AS _mj_object")
+                    is_object = "v._mj_object"
+                    with_mj = f"CAST(json_merge_patch('{{}}', {mj}, {patch}) AS VARCHAR)"
+                    without = f"CAST(json_merge_patch('{{}}', {patch}) AS VARCHAR)"
+                else:
+                    second.append(f"CAST(json_merge_patch('{{}}', {mj}) AS VARCHAR) AS _mj_text")
+                    is_object = "coalesce(starts_with(v._mj_text, '{'), FALSE)"
+                    with_mj, without = "v._mj_text", "'{}'"
                 bad_meta = f"({mj_given} AND NOT {is_object})"
-                with_mj = f"CAST(json_merge_patch(v._mj_text, {patch}) AS VARCHAR)" if patch else "v._mj_text"
-                without = f"CAST(json_merge_patch('{{}}', {patch}) AS VARCHAR)" if patch else "'{}'"
                 meta = f"CASE WHEN {is_object} THEN {with_mj} ELSE {without} END"
             else:
                 meta = f"CAST(json_merge_patch('{{}}', {patch}) AS VARCHAR)" if patch else "'{}'"
