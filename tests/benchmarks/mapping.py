@@ -25,10 +25,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
+import importlib.util
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import ingestd.core.schema as current  # noqa: E402
 from ingestd.core.query import DayWindow  # noqa: E402
-from ingestd.core.schema import Mapping, RowMapper  # noqa: E402
 
 DAY = dt.date(2026, 3, 10)
 EVENTS = ["page_view", "click", "purchase", "signup", "add_to_cart", "search", "share", "logout"]
@@ -99,11 +103,26 @@ def baseline(batches: list[pa.RecordBatch]) -> None:
         pa.record_batch([pa.concat_arrays(c.chunks) for c in t.columns], schema=text)
 
 
-def map_all(part: str, batches: list[pa.RecordBatch]) -> int:
-    m = Mapping(**PARTS[part])  # type: ignore[arg-type]
+def schema_at(ref: str) -> ModuleType:
+    """kernel/core/schema.py as it is at git `ref`, imported as ingestd.core._schema_at_ref."""
+    text = subprocess.run(["git", "show", f"{ref}:kernel/core/schema.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="ingestd-schema-")) / "schema.py"
+    path.write_text(text)
+    name = "ingestd.core._schema_at_ref"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def map_all(part: str, batches: list[pa.RecordBatch], schema: ModuleType = current) -> int:
+    m = schema.Mapping(**PARTS[part])
     m.check("events")
-    mapper = RowMapper("events", m, DayWindow.of(DAY), source="bench", generation=1,
-                       ingested_at=dt.datetime.now(dt.UTC))
+    mapper = schema.RowMapper("events", m, DayWindow.of(DAY), source="bench", generation=1,
+                              ingested_at=dt.datetime.now(dt.UTC))
     rows = 0
     try:
         for b in batches:
@@ -131,6 +150,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--part", action="append", choices=list(PARTS), help="only these parts (default: all)")
     ap.add_argument("--profile", type=Path, help="write a cProfile of the `whole` mapping here")
+    ap.add_argument("--against", metavar="REF", help="also time the mapper of git REF, interleaved (e.g. main)")
     args = ap.parse_args()
     n = args.rows
     data = {False: make_batches(n, args.batch_rows, epoch_ms=False), True: make_batches(n, args.batch_rows,
@@ -138,11 +158,23 @@ def main() -> int:
     base_s = best(lambda: baseline(data[False]), args.repeat)
     result: dict = {"rows": n, "batch_rows": args.batch_rows, "pyarrow": pa.__version__,
                     "baseline_rows_per_s": round(n / base_s), "parts": {}}
+    ref = schema_at(args.against) if args.against else None
+    if args.against:
+        result["against"] = args.against
     for part in args.part or list(PARTS):
         batches = data[part in EPOCH]
         assert map_all(part, batches) == n
-        s = best(lambda p=part, b=batches: map_all(p, b), args.repeat)
-        result["parts"][part] = {"rows_per_s": round(n / s), "ratio_to_baseline": round(base_s / s, 3)}
+        if ref is None:
+            s = best(lambda p=part, b=batches: map_all(p, b), args.repeat)
+            result["parts"][part] = {"rows_per_s": round(n / s), "ratio_to_baseline": round(base_s / s, 3)}
+            continue
+        tries: dict[str, list[float]] = {"now": [], "ref": []}
+        for _ in range(args.repeat):
+            for key, module in (("ref", ref), ("now", current)):
+                tries[key].append(best(lambda p=part, b=batches, m=module: map_all(p, b, m), 1))
+        s, r = min(tries["now"]), min(tries["ref"])
+        result["parts"][part] = {"rows_per_s": round(n / s), "ratio_to_baseline": round(base_s / s, 3),
+                                 f"rows_per_s_at_{args.against}": round(n / r), "speedup": round(r / s, 2)}
     if args.profile:
         cProfile.runctx("map_all('whole', data[True])", globals(), {"map_all": map_all, "data": data},
                         str(args.profile))
