@@ -16,11 +16,11 @@ Layout of the file:
 A replace never holds a whole day in one open transaction (DuckDB keeps an open transaction's
 rows in memory, about 125 MB per million event rows): it journals the write, deletes leftovers of
 non-visible generations of the partition (a retry may reuse a generation number), appends the
-new generation batch by batch as they arrive (on a cursor of the replace's own, so the write
-overlaps the stages that feed it), committing every `chunk_rows` rows, switches `partitions` to it in one short
-transaction, then deletes the old rows and the journal entry together. A failure at any point
-leaves the previous generation visible; a crash leaves journalled garbage that the next `open()`
-or replace of that partition deletes.
+new generation in committed chunks of `chunk_rows` rows (each chunk one INSERT, on a cursor of
+the replace's own, reading the batches as they arrive, so the write overlaps the stages that
+feed it), switches `partitions` to it in one short transaction, then deletes the old rows and
+the journal entry together. A failure at any point leaves the previous generation visible; a
+crash leaves journalled garbage that the next `open()` or replace of that partition deletes.
 
 The file is open only while the sink works (a replace, a read, `open()`), not for the daemon's
 life. DuckDB lets one process write a file and no other process read it meanwhile, so holding it
