@@ -152,3 +152,44 @@ def test_a_boolean_timestamp_is_a_bad_timestamp_not_a_failed_batch():
     mapper = RowMapper("events", m, DayWindow.of(DAY), source="web", generation=1, ingested_at=NOW)
     out = mapper.map(pa.RecordBatch.from_pydict({"ts": [True, False], "uid": ["a", "b"], "ev": ["e", "e"]}))
     assert out.rows.num_rows == 0 and out.rejects == {"bad_timestamp": 2}
+
+
+def test_metadata_is_normalised_and_folded_columns_win():
+    """The metadata object is written compactly without null members (at any depth); a folded
+    column replaces the member of its name (written last), and a NULL one removes it."""
+    out = events_mapper().map(pa.RecordBatch.from_pylist([
+        row(props=' \n{"a": null, "b": {"c": null, "d": [1, null]}, "country": "FR", "z": "é\\u0001"}'),
+        row(props='{"country": "FR", "k": 1}', country=None),
+    ]))
+    assert out.rows.column("metadata").to_pylist() == [
+        '{"b":{"d":[1,null]},"z":"é\\u0001","country":"DE"}', '{"k":1}']
+
+
+@pytest.mark.parametrize("props", ["null", '"text"', "3", "[]", ""])
+def test_metadata_json_that_is_not_an_object_is_a_bad_row(props):
+    out = events_mapper().map(pa.RecordBatch.from_pylist([row(props=props)]))
+    assert dict(out.rejects) == {"bad_metadata_json": 1}
+
+
+def test_ids_object_lists_the_present_ids_in_mapping_order_escaped():
+    m = Mapping(ids={"user_id": "uid", "stable_id": "sid", "company id": "cid"}, timestamp="ts", event_name="ev")
+    m.check("events")
+    mapper = RowMapper("events", m, DayWindow.of(DAY), source="web", generation=1, ingested_at=NOW)
+    rows = [row(uid="  ", sid='s"1\\', cid=7), row(uid="u\u00e9", sid=None, cid=None), row(uid="", sid="", cid=0)]
+    out = mapper.map(pa.RecordBatch.from_pylist([{k: r[k] for k in ("ts", "uid", "sid", "ev")} | {"cid": r["cid"]}
+                                                  for r in rows]))
+    assert out.rows.column("ids").to_pylist() == [
+        '{"stable_id":"s\\"1\\\\","company id":"7"}', '{"user_id":"ué"}', '{"company id":"0"}']
+    assert out.rows.column("id_type").to_pylist() == ["stable_id", "user_id", "company id"]
+    assert out.rows.column("unit_id").to_pylist() == ['s"1\\', "ué", "0"]
+
+
+def test_negative_epochs_before_1970_are_read():
+    m = Mapping(ids={"user_id": "uid"}, timestamp="ts", event_name="ev", timestamp_unit="ns")
+    m.check("events")
+    day = dt.date(1969, 12, 31)
+    mapper = RowMapper("events", m, DayWindow.of(day), source="web", generation=1, ingested_at=NOW)
+    out = mapper.map(pa.RecordBatch.from_pydict({"ts": pa.array([-1_500, -86_400 * 10**9], pa.int64()),
+                                                 "uid": ["u", "u"], "ev": ["e", "e"]}))
+    assert out.rows.column("timestamp").to_pylist() == [
+        dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC), dt.datetime(1969, 12, 31, tzinfo=dt.UTC)]

@@ -106,6 +106,53 @@ async def test_duckdb_a_failed_replace_leaves_the_file_as_it_was(tmp_path):
         await sink.close()
 
 
+async def test_duckdb_chunks_are_written_while_their_batches_arrive(tmp_path):
+    """A chunk (here 450 rows) is one INSERT reading the batches as they come: before the chunk
+    is complete, nothing of it is committed; once it is, it is, while the next one is written."""
+    path = tmp_path / "a.duckdb"
+    sink = await opened(duck(path, chunk_rows=450))
+    try:
+        gate = Gate(at=7)  # after 7 batches of 100: one chunk of 500 committed, 200 rows in the next
+        task = asyncio.create_task(sink.replace(Target("events", "s", DAY, 1), feed(events("s", 1, 1000), gate=gate)))
+        await asyncio.wait_for(gate.reached.wait(), 30)
+        await asyncio.sleep(0.2)  # let the INSERT read what it was given
+        with duckdb.connect(str(path)) as con:
+            assert counts(con) == (0, 500, None)
+        gate.go.set()
+        assert await task == 1000
+        with duckdb.connect(str(path)) as con:
+            assert counts(con) == (1000, 1000, [1])
+    finally:
+        await sink.close()
+
+
+@pytest.mark.parametrize("how", ["fails", "cancelled"])
+async def test_duckdb_a_replace_stopped_inside_a_chunk_leaves_the_file_as_it_was(tmp_path, how):
+    path = tmp_path / "a.duckdb"
+    sink = await opened(duck(path, chunk_rows=450))
+    try:
+        await sink.replace(Target("events", "s", DAY, 1), feed(events("s", 1, 1000)))
+        gate = Gate(at=7)
+        batches = feed(events("s", 2, 900, start=5000), fail_after=7 if how == "fails" else None,
+                       gate=gate if how == "cancelled" else None)
+        task = asyncio.create_task(sink.replace(Target("events", "s", DAY, 2), batches))
+        if how == "fails":
+            with pytest.raises(KitFailure):
+                await asyncio.wait_for(task, 30)
+        else:
+            await asyncio.wait_for(gate.reached.wait(), 30)
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 30)
+        with duckdb.connect(str(path), read_only=True) as con:  # the sink has let go of the file
+            assert counts(con) == (1000, 1000, [1])
+            assert con.execute("SELECT count(*) FROM pending_writes").fetchone()[0] == 0
+        assert await sink.replace(Target("events", "s", DAY, 2), feed(events("s", 2, 300))) == 300
+    finally:
+        await sink.close()
+
+
 CRASH = '''
 import asyncio, datetime as dt, os, sys
 from ingestd import Target

@@ -142,13 +142,19 @@ EARLIEST, LATEST = "1900-01-01", "2200-01-01"
 wrong kind (an epoch in another unit, a sentinel): rejected as `bad_timestamp`."""
 
 
-def _epoch_expr(col: str, unit: str) -> str:
+def _epoch_expr(col: str, unit: str, arrow_type: pa.DataType) -> str:
     """An integer or decimal epoch in `unit` as TIMESTAMPTZ, NULL when it is outside the
-    plausible range (so one absurd value is a rejected row, not a failed batch)."""
+    plausible range (so one absurd value is a rejected row, not a failed batch). Integers in that
+    range are scaled as BIGINT (their microseconds fit); other numbers go through HUGEINT."""
     per_second = EPOCH_UNITS[unit]
     lo = epoch(dt.datetime.fromisoformat(EARLIEST), unit)
     hi = epoch(dt.datetime.fromisoformat(LATEST), unit)
-    micros = f"CAST(TRY_CAST({col} AS HUGEINT) * 1000000 // {per_second} AS BIGINT)"
+    if pa.types.is_integer(arrow_type):
+        as_int = f"TRY_CAST({col} AS BIGINT)"
+        micros = (f"{as_int} * {1_000_000 // per_second}" if per_second <= 1_000_000
+                  else f"{as_int} // {per_second // 1_000_000}")
+    else:
+        micros = f"CAST(TRY_CAST({col} AS HUGEINT) * 1000000 // {per_second} AS BIGINT)"
     return f"(CASE WHEN {col} >= {lo} AND {col} < {hi} THEN make_timestamptz({micros}) END)"
 
 
@@ -161,17 +167,30 @@ def _timestamp_expr(col: str, arrow_type: pa.DataType, unit: str | None) -> str:
         return f"CAST({col} AS TIMESTAMPTZ)"
     if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
         if unit and unit != "auto":
-            return _epoch_expr(col, unit)
+            return _epoch_expr(col, unit, arrow_type)
         s, ms, us = AUTO_UNIT_BOUNDS
         parts = [(s, "s"), (ms, "ms"), (us, "us")]
-        cases = " ".join(f"WHEN abs({col}) < {bound} THEN {_epoch_expr(col, u)}" for bound, u in parts)
-        return f"(CASE {cases} ELSE {_epoch_expr(col, 'ns')} END)"
+        cases = " ".join(f"WHEN abs({col}) < {bound} THEN {_epoch_expr(col, u, arrow_type)}" for bound, u in parts)
+        return f"(CASE {cases} ELSE {_epoch_expr(col, 'ns', arrow_type)} END)"
     return f"TRY_CAST(CAST({col} AS VARCHAR) AS TIMESTAMPTZ)"
 
 
 def _id(col: str) -> str:
     """An id column as text, as it is; empty or whitespace-only counts as missing."""
     return f"(CASE WHEN TRIM(CAST({col} AS VARCHAR)) <> '' THEN CAST({col} AS VARCHAR) END)"
+
+
+def _ids_json(id_cols: list[tuple[str, str]]) -> str:
+    """The `ids` JSON object of the ids that are there (`id_cols`: id type, a text column, NULL
+    when missing), written as `json_merge_patch('{}', json_object(...))` writes it (compact, in
+    mapping order, missing ones left out) but without building and patching JSON documents:
+    keys and values are escaped by DuckDB's `to_json`, the same writer."""
+    members = [(f"to_json({_sql_str(t)}) || ':' || to_json({c})", c) for t, c in id_cols]
+    if len(members) == 1:
+        member, c = members[0]
+        return f"(CASE WHEN {c} IS NULL THEN '{{}}' ELSE '{{' || {member} || '}}' END)"
+    listed = ", ".join(f"CASE WHEN {c} IS NOT NULL THEN {member} END" for member, c in members)
+    return f"('{{' || concat_ws(',', {listed}) || '}}')"
 
 
 def _text(col: str | None) -> str:
@@ -206,6 +225,11 @@ class RowMapper:
         self._con.close()
 
     def _prepare(self, schema: pa.Schema) -> str:
+        """The mapping query, in three levels so that DuckDB computes each value once per row:
+        `c` reads the mapped columns and computes what is used more than once (each id as text,
+        the timestamp, the names, the parsed metadata JSON), `v` what is computed from those
+        (the unit id, whether the metadata is an object), and the outer SELECT the canonical
+        columns and the reject reason (the first rule a row breaks, in the order below)."""
         names = set(schema.names)
         missing = [(key, col) for key, col in self.mapping.columns() if col not in names]
         if missing:
@@ -219,75 +243,96 @@ class RowMapper:
             return schema.field(c).type
 
         m = self.mapping
-        id_cols = [(t, q(c)) for t, c in m.ids.items()]
-        unit = "COALESCE(" + ", ".join(_id(c) for _, c in id_cols) + ")"
-        id_type = "CASE " + " ".join(f"WHEN {_id(c)} IS NOT NULL THEN {_sql_str(t)}" for t, c in id_cols) + " END"
-        ids_obj = "json_object(" + ", ".join(f"{_sql_str(t)}, {_id(c)}" for t, c in id_cols) + ")"
-        ids = f"CAST(json_merge_patch('{{}}', {ids_obj}) AS VARCHAR)"
+        first: list[str] = []  # level c: "expression AS name"
+
+        def once(expr: str, name: str) -> str:
+            first.append(f"{expr} AS {name}")
+            return name
+
+        ids = [(t, once(_id(q(col)), f"_id{i}")) for i, (t, col) in enumerate(m.ids.items())]
+        second = ["COALESCE(" + ", ".join(c for _, c in ids) + ") AS _unit"]  # level v
+        id_type = "CASE " + " ".join(f"WHEN {c} IS NOT NULL THEN {_sql_str(t)}" for t, c in ids) + " END"
         common = f"""
             $source AS source, CAST($day AS DATE) AS day,
-            {unit} AS unit_id, {id_type} AS id_type, {ids} AS ids,
-        """
+            v._unit AS unit_id, {id_type} AS id_type, {_ids_json(ids)} AS ids,"""
         if self.kind == "events":
             if m.timestamp is None or m.event_name is None:  # Mapping.check refuses such a source
                 raise PermanentError("an events mapping needs timestamp and event_name")
-            ts = _timestamp_expr(q(m.timestamp), typ(m.timestamp), m.timestamp_unit)
-            name = _text(q(m.event_name))
-            value = _text(q(m.event_value)) if m.event_value else _text(None)
-            meta_parts = ", ".join(f"{_sql_str(c)}, {q(c)}" for c in m.metadata)
-            meta = f"json_object({meta_parts})" if m.metadata else "json_object()"
+            ts = once(_timestamp_expr(q(m.timestamp), typ(m.timestamp), m.timestamp_unit), "_ts")
+            ts_missing = once(f"{q(m.timestamp)} IS NULL", "_ts_missing")
+            name = once(_text(q(m.event_name)), "_name")
+            value = once(_text(q(m.event_value)), "_value") if m.event_value else _text(None)
+            # json_merge_patch('{}', x, ...) leaves out null members (all levels) and writes the
+            # JSON compactly; folded columns are patched in after the JSON object, each replacing
+            # (a NULL one removing) the member of its name. Without folded columns the object test
+            # is on the written text (json_merge_patch('{}', x) is x itself when x is not an
+            # object), which saves parsing the JSON once more.
+            folded = [f"{_sql_str(c)}, {once(q(c), f'_meta{i}')}" for i, c in enumerate(m.metadata)]
+            patch = f"json_object({', '.join(folded)})" if folded else None
             bad_meta = "FALSE"
             if m.metadata_json:
-                mj = q(m.metadata_json)
-                as_json = f"TRY_CAST(CAST({mj} AS VARCHAR) AS JSON)"
-                good = f"coalesce(json_type({as_json}) = 'OBJECT', FALSE)"
-                bad_meta = f"({mj} IS NOT NULL AND NOT {good})"
-                meta = f"json_merge_patch(CASE WHEN {good} THEN {as_json} ELSE json_object() END, {meta})"
-            meta = f"CAST(json_merge_patch('{{}}', {meta}) AS VARCHAR)"
-            raw_ts = q(m.timestamp)
-            return f"""
-            SELECT {common}
+                mj = once(f"TRY_CAST(CAST({q(m.metadata_json)} AS VARCHAR) AS JSON)", "_mj")
+                mj_given = once(f"{q(m.metadata_json)} IS NOT NULL", "_mj_given")
+                if patch:
+                    second.append(f"coalesce(json_type({mj}) = 'OBJECT', FALSE) AS _mj_object")
+                    is_object = "v._mj_object"
+                    with_mj = f"CAST(json_merge_patch('{{}}', {mj}, {patch}) AS VARCHAR)"
+                    without = f"CAST(json_merge_patch('{{}}', {patch}) AS VARCHAR)"
+                else:
+                    second.append(f"CAST(json_merge_patch('{{}}', {mj}) AS VARCHAR) AS _mj_text")
+                    is_object = "coalesce(starts_with(v._mj_text, '{'), FALSE)"
+                    with_mj, without = "v._mj_text", "'{}'"
+                bad_meta = f"({mj_given} AND NOT {is_object})"
+                meta = f"CASE WHEN {is_object} THEN {with_mj} ELSE {without} END"
+            else:
+                meta = f"CAST(json_merge_patch('{{}}', {patch}) AS VARCHAR)" if patch else "'{}'"
+            select = f"""
                 {ts} AS timestamp, {name} AS event_name, {value} AS event_value, {meta} AS metadata,
                 CAST($generation AS BIGINT) AS generation, $ingested_at AS ingested_at,
                 CASE
-                    WHEN {raw_ts} IS NULL THEN 'missing_timestamp'
+                    WHEN {ts_missing} THEN 'missing_timestamp'
                     WHEN {ts} IS NULL OR {ts} < TIMESTAMPTZ '{EARLIEST}' OR {ts} >= TIMESTAMPTZ '{LATEST}'
                         THEN 'bad_timestamp'
                     WHEN {ts} < $start OR {ts} >= $end THEN 'timestamp_outside_day'
                     WHEN {name} IS NULL OR {name} = '' THEN 'missing_event_name'
                     WHEN length({name}) > {MAX_NAME} THEN 'event_name_too_long'
                     WHEN length({value}) > {MAX_NAME} THEN 'event_value_too_long'
-                    WHEN {unit} IS NULL THEN 'missing_unit_id'
+                    WHEN v._unit IS NULL THEN 'missing_unit_id'
                     WHEN {bad_meta} THEN 'bad_metadata_json'
-                END AS _reject
-            FROM batch AS src"""
-        if m.metric_name is None:  # Mapping.check refuses such a source
-            raise PermanentError("a metrics mapping needs metric_name")
-        name = _text(q(m.metric_name))
-        value = _number(q(m.metric_value) if m.metric_value else None)
-        num = _number(q(m.numerator) if m.numerator else None)
-        den = _number(q(m.denominator) if m.denominator else None)
-        ratio_given = f"({num} IS NOT NULL AND {den} IS NOT NULL)"
-        metric_value = (f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END "
-                        f"ELSE {value} END")
-        bad_number = " OR ".join(
-            f"({q(c)} IS NOT NULL AND {_number(q(c))} IS NULL)"
-            for c in (m.metric_value, m.numerator, m.denominator) if c) or "FALSE"
-        date_check = f"WHEN CAST({q(m.date)} AS DATE) <> CAST($day AS DATE) THEN 'date_outside_day'" if m.date else ""
-        return f"""
-            SELECT {common}
+                END AS _reject"""
+        else:
+            if m.metric_name is None:  # Mapping.check refuses such a source
+                raise PermanentError("a metrics mapping needs metric_name")
+            name = once(_text(q(m.metric_name)), "_name")
+            numbers = {key: (once(_number(q(col)), f"_{key}"), once(f"{q(col)} IS NOT NULL", f"_{key}_given"))
+                       for key in ("metric_value", "numerator", "denominator") if (col := getattr(m, key))}
+            value = numbers["metric_value"][0] if "metric_value" in numbers else _number(None)
+            num = numbers["numerator"][0] if "numerator" in numbers else _number(None)
+            den = numbers["denominator"][0] if "denominator" in numbers else _number(None)
+            ratio_given = f"({num} IS NOT NULL AND {den} IS NOT NULL)"
+            metric_value = (f"CASE WHEN {ratio_given} THEN CASE WHEN {den} = 0 THEN NULL ELSE {num} / {den} END "
+                            f"ELSE {value} END")
+            bad_number = " OR ".join(f"({given} AND {number} IS NULL)" for number, given in numbers.values()) or "FALSE"
+            date_check = ""
+            if m.date:
+                date = once(f"CAST({q(m.date)} AS DATE)", "_date")
+                date_check = f"WHEN {date} <> CAST($day AS DATE) THEN 'date_outside_day'"
+            select = f"""
                 {name} AS metric_name, {metric_value} AS metric_value,
                 {num} AS numerator, {den} AS denominator,
                 CAST($generation AS BIGINT) AS generation, $ingested_at AS ingested_at,
                 CASE
                     WHEN {name} IS NULL OR {name} = '' THEN 'missing_metric_name'
                     WHEN length({name}) > {MAX_NAME} THEN 'metric_name_too_long'
-                    WHEN {unit} IS NULL THEN 'missing_unit_id'
+                    WHEN v._unit IS NULL THEN 'missing_unit_id'
                     WHEN {bad_number} THEN 'bad_number'
                     {date_check}
                     WHEN {value} IS NULL AND NOT {ratio_given} THEN 'missing_value'
-                END AS _reject
-            FROM batch AS src"""
+                END AS _reject"""
+        return f"""
+            SELECT {common}{select}
+            FROM (SELECT *, {", ".join(second)}
+                  FROM (SELECT {", ".join(first)} FROM batch AS src) AS c) AS v"""
 
     def map(self, batch: pa.RecordBatch) -> MappedBatch:
         if self._sql is None or batch.schema != self._input_schema:
@@ -309,8 +354,11 @@ class RowMapper:
             self._con.unregister("batch")
         reasons = table.column("_reject")
         ok = pc.is_null(reasons)
-        good = table.filter(ok).select(self.schema.names)
-        good = good.cast(self.schema)
+        good = table.select(self.schema.names)
+        if reasons.null_count != table.num_rows:  # some rows are rejected (else no copy of the batch)
+            good = good.filter(ok)
+        if not good.schema.equals(self.schema):
+            good = good.cast(self.schema)
         rejects: Counter[str] = Counter()
         samples: list[dict[str, Any]] = []
         if good.num_rows != table.num_rows:

@@ -16,19 +16,20 @@ Layout of the file:
 A replace never holds a whole day in one open transaction (DuckDB keeps an open transaction's
 rows in memory, about 125 MB per million event rows): it journals the write, deletes leftovers of
 non-visible generations of the partition (a retry may reuse a generation number), appends the
-new generation in committed chunks of `chunk_rows`, switches `partitions` to it in one short
-transaction, then deletes the old rows and the journal entry together. A failure at any point
-leaves the previous generation visible; a crash leaves journalled garbage that the next `open()`
-or replace of that partition deletes.
+new generation in committed chunks of `chunk_rows` rows (each chunk one INSERT, on a cursor of
+the replace's own, reading the batches as they arrive, so the write overlaps the stages that
+feed it), switches `partitions` to it in one short transaction, then deletes the old rows and
+the journal entry together. A failure at any point leaves the previous generation visible; a
+crash leaves journalled garbage that the next `open()` or replace of that partition deletes.
 
 The file is open only while the sink works (a replace, a read, `open()`), not for the daemon's
 life. DuckDB lets one process write a file and no other process read it meanwhile, so holding it
 would lock analysts out for as long as the daemon runs; this way they can open it
 (`duckdb -readonly analytics.duckdb`) between loads, and a load that finds their read lock waits
 up to `lock_wait_seconds` for it. Closing also checkpoints, so readers get a compact file.
-All DuckDB calls run on one worker thread per sink, one call at a time, so the connection is
-never used by two threads and concurrent replaces of different partitions interleave safely
-(each call is a whole transaction).
+All DuckDB calls run on one worker thread per sink, one call at a time, so a connection is
+never used by two threads; concurrent replaces of different partitions interleave safely (each
+call is a whole transaction, except a replace's appends, whose open chunk is on its own cursor).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import queue
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,31 +133,38 @@ class DuckDBSink(Sink):
         async with lock, self._session():
             what = f"replace {target.kind} {target.source} {target.day} with generation {target.generation}"
             await self._call(what, self._start_write, target, table)
-            written = 0
+            writer = await self._call(what, self._writer, target, table, schema)
+            loop = asyncio.get_running_loop()
+            chunk: _Chunk | None = None
             try:
-                chunk: list[pa.RecordBatch] = []
-                chunk_rows = 0
                 async for batch in batches:
                     batch = _conform(batch, schema, target)
                     if not batch.num_rows:
                         continue
-                    chunk.append(batch)
-                    chunk_rows += batch.num_rows
-                    if chunk_rows >= self.config.chunk_rows:
-                        await self._call(what, self._append, target, table, schema, chunk)
-                        written += chunk_rows
-                        chunk, chunk_rows = [], 0
-                if chunk:
-                    await self._call(what, self._append, target, table, schema, chunk)
-                    written += chunk_rows
-                await self._call(what, self._switch, target, written)
-            except BaseException:
+                    if chunk is None:  # one INSERT per chunk, reading the batches as they come
+                        chunk = _Chunk(loop, schema)
+                        chunk.done = asyncio.ensure_future(self._call(what, writer.insert, chunk))
+                    await chunk.put(batch)
+                    if chunk.rows >= self.config.chunk_rows:
+                        await chunk.finish()
+                        chunk = None
+                if chunk is not None:
+                    await chunk.finish()
+                    chunk = None
+                await self._call(what, self._switch, target, writer.written)
+            except BaseException as exc:
+                if chunk is not None:
+                    with contextlib.suppress(BaseException):
+                        await chunk.fail(exc)
                 with contextlib.suppress(Exception):
                     await self._call(what, self._discard, target, table)
                 raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._call(what, writer.close)
             with contextlib.suppress(SinkError):  # the new generation is visible; leftovers wait for the next open
                 await self._call(what, self._discard, target, table)
-            return written
+            return writer.written
 
     async def read_generation(self, kind: Kind, source: str, day: dt.date) -> PartitionInfo | None:
         table, _ = _table_of(kind)
@@ -269,17 +278,14 @@ class DuckDBSink(Sink):
                    {**key, "generation": target.generation})
             _delete_invisible(con, table, target.kind, target.source, target.day)
 
-    def _append(self, target: Target, table: str, schema: pa.Schema, chunk: list[pa.RecordBatch]) -> None:
-        con = self._connection()
-        columns = ", ".join(f'"{n}"' for n in schema.names)
-        select = ", ".join("CAST($generation AS BIGINT)" if n == "generation" else f'"{n}"' for n in schema.names)
-        con.register(_CHUNK_VIEW, pa.Table.from_batches(chunk, schema))
+    def _writer(self, target: Target, table: str, schema: pa.Schema) -> _Writer:
+        cursor = self._connection().cursor()
         try:
-            _query(con, f"INSERT INTO {table} ({columns}) SELECT {select} FROM {_CHUNK_VIEW}",
-                   {"generation": target.generation})
-        finally:
-            con.unregister(_CHUNK_VIEW)
-        _release_written_blocks(con)
+            _query(cursor, "SET TimeZone = 'UTC'")
+        except BaseException:
+            cursor.close()
+            raise
+        return _Writer(cursor, target, table, schema)
 
     def _switch(self, target: Target, rows: int) -> None:
         con = self._connection()
@@ -320,6 +326,86 @@ class DuckDBSink(Sink):
         except BaseException:
             cursor.close()
             raise
+
+
+class _Chunk:
+    """The batches of one chunk, handed from the event loop to the INSERT that reads them on the
+    sink's worker thread (as an Arrow stream): at most `DEPTH` wait, `put` waits for room."""
+
+    DEPTH = 2
+    END = object()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, schema: pa.Schema):
+        self.loop, self.schema = loop, schema
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.room = asyncio.Semaphore(self.DEPTH)
+        self.rows = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def put(self, batch: pa.RecordBatch) -> None:
+        assert self.done is not None
+        room = asyncio.ensure_future(self.room.acquire())
+        await asyncio.wait([room, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if not room.done():  # the INSERT ended early (it failed): its error is the one to raise
+            room.cancel()
+            await self.done
+            raise SinkError("the chunk's INSERT ended before its batches")
+        self.queue.put(batch)
+        self.rows += batch.num_rows
+
+    async def finish(self) -> None:
+        """No more batches: wait for the INSERT and its commit."""
+        assert self.done is not None
+        self.queue.put(self.END)
+        await self.done
+
+    async def fail(self, exc: BaseException) -> None:
+        """Stop the INSERT with `exc` (it rolls back) and wait for it to end."""
+        assert self.done is not None
+        self.queue.put(exc if isinstance(exc, Exception) else SinkError("the replace was cancelled"))
+        await asyncio.shield(self.done)
+
+    def reader(self) -> pa.RecordBatchReader:
+        def batches() -> Iterator[pa.RecordBatch]:
+            while (item := self.queue.get()) is not self.END:
+                if isinstance(item, BaseException):
+                    raise item
+                self.loop.call_soon_threadsafe(self.room.release)
+                assert isinstance(item, pa.RecordBatch)
+                yield item
+
+        return pa.RecordBatchReader.from_batches(self.schema, batches())
+
+
+@dataclass
+class _Writer:
+    """Appends one replace's chunks on a cursor of its own. Each chunk is one INSERT reading its
+    batches as they come (so the write overlaps the stages that feed it, and DuckDB writes the
+    chunk's row groups straight to the file as one large append) and one transaction; its
+    blocks are then released (`_release_written_blocks`). Methods run on the worker thread."""
+
+    cursor: duckdb.DuckDBPyConnection
+    target: Target
+    table: str
+    schema: pa.Schema
+    written: int = 0
+
+    def insert(self, chunk: _Chunk) -> None:
+        names = self.schema.names
+        columns = ", ".join(f'"{n}"' for n in names)
+        select = ", ".join("CAST($generation AS BIGINT)" if n == "generation" else f'"{n}"' for n in names)
+        self.cursor.register(_CHUNK_VIEW, chunk.reader())
+        try:
+            with _transaction(self.cursor):
+                _query(self.cursor, f"INSERT INTO {self.table} ({columns}) SELECT {select} FROM {_CHUNK_VIEW}",
+                       {"generation": self.target.generation})
+        finally:
+            self.cursor.unregister(_CHUNK_VIEW)
+        self.written += chunk.rows
+        _release_written_blocks(self.cursor)
+
+    def close(self) -> None:
+        self.cursor.close()
 
 
 @dataclass

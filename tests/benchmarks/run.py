@@ -484,8 +484,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also profile the end-to-end load with py-spy (twice: all threads, GIL holder)")
     ap.add_argument("--repeat", type=int, default=2,
-                    help="tries of the driver and sink ceilings, the end-to-end load and each slices load, "
-                         "interleaved; the best of each is reported (default 2)")
+                    help="tries of the driver and sink ceilings, the end-to-end load, the embedded load and each "
+                         "slices load, interleaved; the best of each is reported (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep the working folder (printed on stderr)")
     args = ap.parse_args()
     n, small = args.rows, max(1, args.rows // 10)
@@ -567,12 +567,17 @@ def main() -> int:
             result["end_to_end"]["profile"] = profile_load(base / "e2e-0", DAY)
 
         if "embedded" not in args.skip:
-            say(f"embedded path: ingestd load of {n} rows, DuckDB connector -> DuckDB sink")
-            emb = load_day(load_config(base / "embedded", duckdb_connection(warehouse), batch_rows=args.batch_rows),
-                           DAY, n)
+            embs = []
+            for r in range(args.repeat):
+                say(f"embedded path: ingestd load of {n} rows, DuckDB connector -> DuckDB sink (try {r + 1})")
+                embs.append(load_day(load_config(base / f"embedded-{r}", duckdb_connection(warehouse),
+                                                 batch_rows=args.batch_rows), DAY, n))
+            emb = max(embs, key=lambda x: x["rows_per_s"])
             result["embedded"] = {"rows_per_s": round(emb["rows_per_s"]), "load_s": round(emb["load_s"], 2),
                                   "ratio_to_sink_ceiling": round(emb["rows_per_s"] / ceilings["sink_rows_per_s"], 3),
-                                  "peak_rss_mb": round(emb["maxrss_mb"], 1)}
+                                  "ratio_to_map_stage": round(emb["rows_per_s"] / ceilings["map_rows_per_s"], 3),
+                                  "peak_rss_mb": round(emb["maxrss_mb"], 1),
+                                  "rows_per_s_tries": [round(x["rows_per_s"]) for x in embs]}
 
         if "slices" not in args.skip:
             sl: dict = {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))}
@@ -622,6 +627,8 @@ def targets(r: dict) -> dict:
     if "recheck" in r:
         out["unchanged_recheck_fetches_zero_rows"] = (r["recheck"]["rows_fetched"] == 0
                                                       and r["recheck"]["runs_started"] == 0)
+    if "embedded" in r:
+        out["embedded_at_least_0.85_of_sink_ceiling"] = r["embedded"]["ratio_to_sink_ceiling"] >= 0.85
     if "schedule" in r:
         out["idle_cpu_under_1pct_of_a_core_with_1000_sources"] = r["schedule"]["cpu_pct_of_one_core"] < 1.0
     return out
