@@ -137,7 +137,8 @@ SQLSTATE_IN_TEXT = re.compile(r"SqlState\(E?([0-9A-Z]{5})\)|code: \"?([0-9A-Z]{5
 MESSAGE_IN_TEXT = re.compile(r'message: "((?:[^"\\]|\\.)*)"')
 CX_TRANSIENT_WORDS = ("connection closed", "connection reset", "unexpected eof", "broken pipe", "timed out",
                       "connection refused", "error communicating with the server", "os error 104",
-                      "os error 32", "os error 111", "terminating connection")
+                      "os error 32", "os error 111", "terminating connection", "kind: io", "bytes remaining on stream",
+                      "kind: closed")
 
 
 def scrub(text: str, secrets: list[str]) -> str:
