@@ -18,10 +18,12 @@ How a fetch runs:
 3. **Read in a child process**: connectorx 0.4 holds the interpreter lock while it waits for its
    next batch (its iterator's `__next__` does not release it), so in the daemon's process the
    event loop, and everything else, would stand still while the warehouse computes a day. The
-   read therefore runs in a process of its own (multiprocessing "forkserver", never "fork"),
-   `read_sql(url, queries, protocol="cursor", return_type="arrow_stream", batch_size=...)`, and
-   sends the record batches to the daemon as Arrow IPC messages over a pipe, which the fetch
-   thread (an `ingestd.ThreadStream`) reads without the lock and hands on. `protocol="cursor"`
+   read therefore runs in a process of its own, `python cx_child.py` (a script importing only
+   pyarrow and connectorx, started in a new session, its task and the URL given on stdin, never
+   in its arguments): `read_sql(url, queries, protocol="cursor", return_type="arrow_stream",
+   batch_size=...)`, written to its stdout as one Arrow IPC stream, which the fetch thread (an
+   `ingestd.ThreadStream`) reads without the lock and hands on. A child that exits with an error
+   (or is killed) ends the stream with that error, never as a short day. `protocol="cursor"`
    is the one Redshift allows (no binary COPY). Several queries (a source's `slices`) are read
    by connectorx itself, one connection and one Rust thread each, in the same child.
 4. **Conform**: each batch is cast to the driver engine's schema, value for value: timestamps
@@ -57,17 +59,16 @@ default engine is then the driver). IAM logins (temporary credentials) also stay
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
+import json
 import os
-import pickle
 import re
-import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -245,109 +246,77 @@ def _conform(array: pa.Array, typ: pa.DataType) -> pa.Array:
 
 # -- the child process ----------------------------------------------------------------------------
 
-_context: Any = None
-_context_lock = threading.Lock()
-
-
-def _mp_context() -> Any:
-    global _context
-    with _context_lock:
-        if _context is None:
-            if "forkserver" in mp.get_all_start_methods():
-                ctx = mp.get_context("forkserver")
-            else:
-                ctx = mp.get_context("spawn")
-            _context = ctx
-        return _context
-
-
-def _message(*value: Any) -> bytes:
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def child_main(url: str, queries: list[str], batch_rows: int, pre: list[str], conn: Connection) -> None:
-    """The child: read the queries with connectorx and send each batch as an Arrow IPC message."""
-    code = 0
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        os.environ["RUST_BACKTRACE"] = "0"
-        os.environ.setdefault("RUST_LOG", "off")
-        parent = mp.parent_process()
-        if parent is not None:
-            def watch() -> None:
-                mp.connection.wait([parent.sentinel])
-                os._exit(3)
-            threading.Thread(target=watch, daemon=True).start()
-        import connectorx as cx
-        reader = cx.read_sql(url, queries if len(queries) > 1 else queries[0], protocol="cursor",
-                             return_type="arrow_stream", batch_size=batch_rows, pre_execution_query=pre)
-        conn.send_bytes(_message("schema", reader.schema.serialize().to_pybytes()))
-        rows = 0
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            if batch.num_rows:
-                conn.send_bytes(batch.serialize())
-                rows += batch.num_rows
-        conn.send_bytes(_message("end", rows))
-    except BaseException as exc:
-        code = 1
-        with contextlib.suppress(Exception):
-            conn.send_bytes(_message("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        os._exit(code)
+CHILD = Path(__file__).with_name("cx_child.py")
+ERROR_MARK = "INGESTD-CX-ERROR "
 
 
 class CxRead:
-    """One connectorx read in a child process, seen from the fetch thread."""
+    """One connectorx read in a child process (cx_child.py), seen from the fetch thread: an Arrow
+    IPC stream on the child's stdout, an error on its stderr."""
 
     def __init__(self, url: str, queries: list[str], batch_rows: int, pre: list[str]):
-        ctx = _mp_context()
-        self.reader, writer = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=child_main, args=(url, queries, batch_rows, pre, writer), daemon=True,
-                                   name="ingestd-connectorx")
-        try:
-            self.process.start()
-        finally:
-            writer.close()
-        self.schema: pa.Schema | None = None
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env["RUST_BACKTRACE"] = "0"
+        env.setdefault("RUST_LOG", "off")
+        self.process = subprocess.Popen([sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env, start_new_session=True)
+        self._stderr: list[bytes] = []
+        self._drain = threading.Thread(target=self._read_stderr, name="ingestd-cx-stderr", daemon=True)
+        self._drain.start()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        with contextlib.suppress(OSError):
+            self.process.stdin.write(json.dumps({"url": url, "queries": queries, "batch_rows": batch_rows,
+                                                 "pre": pre}).encode())
+            self.process.stdin.close()
+        self._stdout = self.process.stdout
+        self._reader: Any = None
         self.rows = 0
         self.ended = False
 
+    def _read_stderr(self) -> None:
+        stream = self.process.stderr
+        assert stream is not None
+        with contextlib.suppress(Exception):
+            for line in iter(lambda: stream.read(65536), b""):
+                self._stderr.append(line)
+                if sum(len(x) for x in self._stderr) > 1_000_000:
+                    del self._stderr[:-4]
+
     def receive(self) -> pa.RecordBatch | int | str:
-        """Blocking: the next batch, the row count the child sent (the end), or an error text."""
-        while True:
-            try:
-                data = self.reader.recv_bytes()
-            except (EOFError, OSError):
-                self.process.join(2)
-                return (f"connection closed: the connectorx process ended (exit code {self.process.exitcode}) "
-                        "before its end")
-            if data[:1] == b"\xff":
-                assert self.schema is not None
-                batch = pa.ipc.read_record_batch(pa.py_buffer(data), self.schema)
-                self.rows += batch.num_rows
-                return batch
-            kind, value = pickle.loads(data)
-            if kind == "schema":
-                self.schema = pa.ipc.read_schema(pa.py_buffer(value))
-                continue
-            if kind == "end":
-                self.ended = True
-                return int(value)
-            return str(value)
+        """Blocking: the next batch, the row count (the end), or an error text."""
+        try:
+            if self._reader is None:
+                self._reader = pa.ipc.open_stream(self._stdout)
+            batch = self._reader.read_next_batch()
+            self.rows += batch.num_rows
+            return batch
+        except StopIteration:
+            pass
+        except (pa.ArrowException, OSError, ValueError):
+            pass  # the child ended mid-stream or before its schema: its exit code and stderr say why
+        code = self.process.wait()
+        self._drain.join(5)
+        if code == 0:
+            self.ended = True
+            return self.rows
+        text = b"".join(self._stderr).decode("utf-8", "replace")
+        mark = text.rfind(ERROR_MARK)
+        if mark >= 0:
+            return text[mark + len(ERROR_MARK):].strip()
+        return f"connection closed: the connectorx process ended (exit code {code}) before its end"
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            self.process.kill()
 
     def stop(self) -> None:
         """Kill the child (it holds nothing that needs closing: its sockets close with it)."""
-        if self.process.is_alive():
-            with contextlib.suppress(Exception):
-                self.process.kill()
+        if self.process.poll() is None:
+            self.kill()
         with contextlib.suppress(Exception):
-            self.process.join(5)
+            self.process.wait(5)
         with contextlib.suppress(Exception):
-            self.reader.close()
+            self._stdout.close()
 
 
 def new_tag() -> str:
@@ -406,8 +375,6 @@ def produce(connector: Any, queries: list[Any], batch_rows: int, out: Outlet[pa.
                 if not out.put_all(rechunker.push(plan.conform(item))):
                     return
             elif isinstance(item, int):
-                if item != read.rows:
-                    raise TransientError(f"connectorx sent {item} rows, {read.rows} arrived")
                 out.put_all(rechunker.flush())
                 log.debug("cx.done", connection=connector.name, rows=read.rows, queries=len(queries),
                           seconds=round(time.monotonic() - started, 3))
@@ -453,6 +420,5 @@ def interrupt(state: dict[str, Any]) -> None:
     if session is not None:
         session.interrupt()
     read = state.get("read")
-    if read is not None and read.process.is_alive():
-        with contextlib.suppress(Exception):
-            read.process.kill()
+    if read is not None:
+        read.kill()
