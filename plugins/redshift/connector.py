@@ -3,6 +3,13 @@
 Install the driver with `pip install 'ingestd[redshift]'`. `sample.toml` beside this module is the
 documented configuration: every key, its default, what it does.
 
+Two fetch engines (`fetch_engine`). `connectorx`, the default where connectorx is installed (and
+the login is a password, with TLS `verify-ca` or none): cx.py reads the day with connectorx in a
+child process; the connection then declares the `literal` parameter style, so every statement
+(probe, check, fetch) carries the day values as typed literals written from date objects.
+`driver`: what this docstring describes below, redshift-connector's server-side cursor. Probes,
+checks and cancellation use redshift-connector in both.
+
 How a day is read. Every call opens its own connection (session time zone UTC, the statement
 timeout and application name set) and closes it when done, so nothing is held between windows.
 `probe` runs `SELECT COUNT(*) FROM (<day query>) q`. `fetch` streams: in a transaction it runs

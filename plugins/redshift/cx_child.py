@@ -17,10 +17,10 @@ ERROR_MARK = "INGESTD-CX-ERROR "
 def main() -> int:
     task = json.loads(sys.stdin.read())
     sys.stdin.close()
-    out = os.fdopen(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
     try:
         import connectorx as cx
         import pyarrow as pa
+        out = os.fdopen(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
         queries = task["queries"]
         reader = cx.read_sql(task["url"], queries if len(queries) > 1 else queries[0], protocol="cursor",
                              return_type="arrow_stream", batch_size=int(task["batch_rows"]),
