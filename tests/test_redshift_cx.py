@@ -333,3 +333,19 @@ async def test_tls_is_asked_for_and_a_server_without_it_is_named(proxy):
     conn = connector(proxy, ssl=True)
     with pytest.raises(PermanentError, match="SSL"):
         await fetch_all(conn, literal_query("SELECT 1 AS x WHERE now() > {start}"))
+
+
+async def test_fetch_chunks_reads_the_day_as_sub_ranges_and_every_row_once(pg, proxy):
+    table = big_table(pg, 12_000)
+    conn = connector(proxy, fetch_chunks=5)
+    text = f"SELECT * FROM {table} WHERE ts >= {{start}} AND ts < {{end}}"
+    query = day_query(text, DayWindow.of(DAY), conn.capabilities)
+    steps = cx.chunked([query], 5)
+    assert len(steps) == 5 and steps[0][0].window.start == query.window.start
+    assert steps[-1][0].window.end == query.window.end
+    got = await fetch_all(conn, query, 1000)
+    assert got is not None and sorted(got.column("user_id").to_pylist()) == list(range(12_000))
+    # a query that does not bound the day with {start} and {end} is read whole
+    assert len(cx.chunked([literal_query(f"SELECT * FROM {table} WHERE CAST(ts AS DATE) = {{day}}")], 5)) == 1
+    epoch = render("SELECT * FROM t", DayWindow.of(DAY), "literal", filter_column="ts", timestamp_unit="s")
+    assert len(cx.chunked([epoch], 5)) == 1

@@ -59,6 +59,14 @@ class DayQuery:
     names: tuple[str, ...] = field(default=())
     template: str | None = None
 
+    def with_window(self, window: DayWindow) -> DayQuery:
+        """The literal-style query rendered again on another window (a sub-range of the day: an
+        engine reading a day in chunks). Its `sql` differs from what this query's own window gives
+        when the values were not the window's datetimes (integer epoch bounds)."""
+        if self.template is None:
+            raise ValueError("only a literal-style query can be rendered on another window")
+        return DayQuery(_literals(self.template, window.values()), [], window, self.names, self.template)
+
     def with_values(self, **values: Any) -> DayQuery:
         """The same SQL with other parameter values (the conformance kit's injection test). In
         the `literal` style a value that is not a date, datetime or integer is refused with a

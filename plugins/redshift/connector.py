@@ -133,6 +133,7 @@ class RedshiftConfig:
     fetch_size: int = 1000
     timeout: int = 30
     fetch_engine: Literal["connectorx", "driver"] | None = None
+    fetch_chunks: int = 1
 
     def validate(self) -> None:
         if not self.database:
@@ -145,6 +146,8 @@ class RedshiftConfig:
             raise ConfigError("statement_timeout_ms", "must not be negative (0 leaves the cluster's setting)")
         if self.timeout < 1:
             raise ConfigError("timeout", "must be at least 1 second")
+        if not 1 <= self.fetch_chunks <= 96:
+            raise ConfigError("fetch_chunks", "must be between 1 and 96")
         if self.fetch_engine == "connectorx":
             if not cx.available():
                 raise ConfigError("fetch_engine", "connectorx is not installed: pip install 'ingestd[redshift]'")

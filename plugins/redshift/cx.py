@@ -254,7 +254,7 @@ class CxRead:
     """One connectorx read in a child process (cx_child.py), seen from the fetch thread: an Arrow
     IPC stream on the child's stdout, an error on its stderr."""
 
-    def __init__(self, url: str, queries: list[str], batch_rows: int, pre: list[str]):
+    def __init__(self, url: str, steps: list[list[str]], batch_rows: int, pre: list[str]):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         env["RUST_BACKTRACE"] = "0"
         env.setdefault("RUST_LOG", "off")
@@ -265,7 +265,7 @@ class CxRead:
         self._drain.start()
         assert self.process.stdin is not None and self.process.stdout is not None
         with contextlib.suppress(OSError):
-            self.process.stdin.write(json.dumps({"url": url, "queries": queries, "batch_rows": batch_rows,
+            self.process.stdin.write(json.dumps({"url": url, "steps": steps, "batch_rows": batch_rows,
                                                  "pre": pre}).encode())
             self.process.stdin.close()
         self._stdout = self.process.stdout
@@ -340,6 +340,30 @@ def _native_reader(pipe: Any) -> Any:
     return pipe
 
 
+def chunked(queries: list[Any], chunks: int) -> list[list[Any]]:
+    """The day's queries as steps read one after the other (`fetch_chunks`), each step one
+    sub-range of the day.
+
+    connectorx 0.4 queues what it reads without bound; when the map and sink stages are slower,
+    its process holds most of the day. With `fetch_chunks = K` a query that bounds the day with
+    `{start}` and `{end}` (as timestamps) is read as K chunks: its template rendered again on K
+    equal sub-ranges of its window, half-open, so memory holds at most about one chunk. As with
+    time slices, only right for a query whose rows are filtered row by row on `{start}`/`{end}`
+    (no LIMIT, aggregate or DISTINCT over the day): an opt-in, never the default. Other queries
+    are read whole."""
+    from ingestd.core.query import sub_windows
+
+    def splittable(q: Any) -> bool:
+        if q.template is None or not {"start", "end"} <= set(q.names):
+            return False
+        return bool(q.with_window(q.window).sql == q.sql)  # not an epoch-unit query
+
+    if chunks <= 1 or not queries or not all(splittable(q) for q in queries):
+        return [list(queries)]
+    per_query = [[q.with_window(w) for w in sub_windows(q.window, chunks)] for q in queries]
+    return [list(step) for step in zip(*per_query, strict=True)]
+
+
 def new_tag() -> str:
     return f"ingestd:{uuid.uuid4().hex}"
 
@@ -385,7 +409,8 @@ def produce(connector: Any, queries: list[Any], batch_rows: int, out: Outlet[pa.
     pre = ["SET timezone TO 'UTC'"]
     if config.statement_timeout_ms:
         pre.append(f"SET statement_timeout TO {int(config.statement_timeout_ms)}")
-    read = CxRead(url, [plan.sql(q.sql, tag) for q in queries], batch_rows, pre)
+    steps = [[plan.sql(q.sql, tag) for q in step] for step in chunked(queries, config.fetch_chunks)]
+    read = CxRead(url, steps, batch_rows, pre)
     state["read"] = read
     rechunker = Rechunker(batch_rows)
     started = time.monotonic()

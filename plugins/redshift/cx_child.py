@@ -3,7 +3,9 @@ to stdout as one Arrow IPC stream.
 
 Run as a script (`python cx_child.py`), not as a module of the package: it imports pyarrow and
 connectorx only, so it starts in a fraction of a second. Its one input, a JSON object on stdin
-(`url`, `queries`, `batch_rows`, `pre`), keeps the password out of the process's arguments. An
+(`url`, `steps`, `batch_rows`, `pre`), keeps the password out of the process's arguments. Each
+step is a list of queries connectorx reads at once (one connection and thread each); the steps
+are read one after the other, into the one stream. An
 error is written to stderr as one last line starting with ERROR_MARK, and the exit code is 1.
 """
 
@@ -21,18 +23,24 @@ def main() -> int:
         import connectorx as cx
         import pyarrow as pa
         out = os.fdopen(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
-        queries = task["queries"]
-        reader = cx.read_sql(task["url"], queries if len(queries) > 1 else queries[0], protocol="cursor",
-                             return_type="arrow_stream", batch_size=int(task["batch_rows"]),
-                             pre_execution_query=task["pre"])
-        with pa.ipc.new_stream(out, reader.schema) as writer:
+        writer = schema = None
+        for queries in task["steps"]:
+            reader = cx.read_sql(task["url"], queries if len(queries) > 1 else queries[0], protocol="cursor",
+                                 return_type="arrow_stream", batch_size=int(task["batch_rows"]),
+                                 pre_execution_query=task["pre"])
+            if writer is None:
+                schema = reader.schema
+                writer = pa.ipc.new_stream(out, schema)
             while True:
                 try:
                     batch = reader.read_next_batch()
                 except StopIteration:
                     break
                 if batch.num_rows:
-                    writer.write_batch(batch)
+                    writer.write_batch(batch if batch.schema.equals(schema) else batch.cast(schema))
+            del reader
+        if writer is not None:
+            writer.close()
         return 0
     except BrokenPipeError:
         return 2  # the daemon stopped reading

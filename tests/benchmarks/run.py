@@ -68,6 +68,8 @@ MAPPING_TOML = ('timestamp = "ts"\nevent_name = "event_name"\nevent_value = "val
                 'ids = { user_id = "unit_id" }\nmetadata_json = "metadata"\n')
 RECHECK_SOURCES, RECHECK_DAYS, RECHECK_ROWS_PER_DAY = 50, 30, 100
 SCHEDULE_SOURCES = 1000
+CHUNKS = 8
+"""fetch_chunks of the connectorx engine's bounded-memory load (an opt-in)."""
 
 
 def say(msg: str) -> None:
@@ -258,7 +260,7 @@ def state(folder: Path, sql: str, params=()) -> list[tuple]:
         con.close()
 
 
-def redshift_connection(proxy_port: int, fetch_size: int, engine: str = "connectorx") -> str:
+def redshift_connection(proxy_port: int, fetch_size: int, engine: str = "connectorx", chunks: int = 1) -> str:
     return textwrap.dedent(f"""
         [connections.wh]
         type = "redshift"
@@ -270,6 +272,7 @@ def redshift_connection(proxy_port: int, fetch_size: int, engine: str = "connect
         ssl = false
         fetch_size = {fetch_size}
         fetch_engine = "{engine}"
+        fetch_chunks = {chunks}
         application_name = "ingestd-bench"
         """)
 
@@ -518,6 +521,9 @@ def main() -> int:
         wire = measure("wire", dsn=pg.dsn(USER, PASSWORD, DB), sql=PG_SQL.format(start="%s", end="%s"), **common)
         rs = redshift_connection(proxy_port, args.fetch_size)
         rs_driver = redshift_connection(proxy_port, args.fetch_size, "driver")
+        rs_chunked = redshift_connection(proxy_port, args.fetch_size, "connectorx", CHUNKS)
+        chunked_loads: list[dict] = []
+        chunked_smalls: list[dict] = []
         proxy_url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{proxy_port}/{DB}"
         literal_sql = PG_SQL.format(start=f"TIMESTAMP '{w.start.isoformat(sep=' ')}'",
                                     end=f"TIMESTAMP '{w.end.isoformat(sep=' ')}'")
@@ -555,6 +561,11 @@ def main() -> int:
             say(f"memory: ingestd load of {small} rows (try {r + 1})")
             smalls.append(load_day(load_config(base / f"e2e-small-{r}", rs, batch_rows=args.batch_rows),
                                    SMALL_DAY, small, tree=True))
+            say(f"end to end: ingestd load of {n} and {small} rows, connectorx with fetch_chunks = {CHUNKS} (try {r + 1})")
+            chunked_loads.append(load_day(load_config(base / f"e2e-chunked-{r}", rs_chunked, batch_rows=args.batch_rows),
+                                          DAY, n, tree=True))
+            chunked_smalls.append(load_day(load_config(base / f"e2e-chunked-small-{r}", rs_chunked,
+                                                       batch_rows=args.batch_rows), SMALL_DAY, small, tree=True))
         drv = min(drivers, key=lambda x: x["seconds"])
         snk = min(sinks, key=lambda x: x["seconds"])
         e2e = max(loads, key=lambda x: x["rows_per_s"])
@@ -599,7 +610,9 @@ def main() -> int:
 
         result["end_to_end"] = {"min_wire_sink": "wire" if ceilings["wire_rows_per_s"] <= ceilings["sink_rows_per_s"]
                                 else "sink",
-                                "connectorx": e2e_figures(e2e, loads), "driver": e2e_figures(e2e_driver, driver_loads)}
+                                "connectorx": e2e_figures(e2e, loads), "driver": e2e_figures(e2e_driver, driver_loads),
+                                f"connectorx_fetch_chunks_{CHUNKS}": e2e_figures(
+                                    max(chunked_loads, key=lambda x: x["rows_per_s"]), chunked_loads)}
         peak_n = max(x["tree_peak_rss_mb"] for x in loads)
         peak_small = max(x["tree_peak_rss_mb"] for x in smalls)
         result["memory"] = {
@@ -610,6 +623,13 @@ def main() -> int:
             "peak_rss_mb_tries_at_n": [round(x["tree_peak_rss_mb"], 1) for x in loads],
             "peak_rss_mb_tries_at_n_div_10": [round(x["tree_peak_rss_mb"], 1) for x in smalls],
             "main_process_maxrss_mb_at_n": round(max(x["maxrss_mb"] for x in loads), 1),
+        }
+        cpeak_n = max(x["tree_peak_rss_mb"] for x in chunked_loads)
+        cpeak_small = max(x["tree_peak_rss_mb"] for x in chunked_smalls)
+        result["memory"][f"fetch_chunks_{CHUNKS}"] = {
+            "peak_rss_mb_at_n": round(cpeak_n, 1), "peak_rss_mb_at_n_div_10": round(cpeak_small, 1),
+            "growth_mb_for_10x_rows": round(cpeak_n - cpeak_small, 1),
+            "main_process_maxrss_mb_at_n": round(max(x["maxrss_mb"] for x in chunked_loads), 1),
         }
 
         if args.profile:
