@@ -561,9 +561,9 @@ def main() -> int:
             say(f"memory: ingestd load of {small} rows (try {r + 1})")
             smalls.append(load_day(load_config(base / f"e2e-small-{r}", rs, batch_rows=args.batch_rows),
                                    SMALL_DAY, small, tree=True))
-            say(f"end to end: ingestd load of {n} and {small} rows, connectorx with fetch_chunks = {CHUNKS} (try {r + 1})")
-            chunked_loads.append(load_day(load_config(base / f"e2e-chunked-{r}", rs_chunked, batch_rows=args.batch_rows),
-                                          DAY, n, tree=True))
+            say(f"end to end: ingestd load of {n} and {small} rows, fetch_chunks = {CHUNKS} (try {r + 1})")
+            chunked_loads.append(load_day(load_config(base / f"e2e-chunked-{r}", rs_chunked,
+                                                      batch_rows=args.batch_rows), DAY, n, tree=True))
             chunked_smalls.append(load_day(load_config(base / f"e2e-chunked-small-{r}", rs_chunked,
                                                        batch_rows=args.batch_rows), SMALL_DAY, small, tree=True))
         drv = min(drivers, key=lambda x: x["seconds"])
