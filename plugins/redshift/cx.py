@@ -76,7 +76,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ingestd import ConnectorError, Outlet, PermanentError, Rechunker, TransientError, quote_ident
+from ingestd import ConnectorError, DayWindow, Outlet, PermanentError, Rechunker, TransientError, quote_ident
 
 log = structlog.get_logger("ingestd.redshift")
 
@@ -340,6 +340,13 @@ def _native_reader(pipe: Any) -> Any:
     return pipe
 
 
+def _sub_windows(window: DayWindow, k: int) -> list[DayWindow]:
+    """`window` cut into k half-open sub-ranges of equal length, covering it exactly."""
+    span = window.end - window.start
+    bounds = [window.start + span * i // k for i in range(k)] + [window.end]
+    return [DayWindow(window.day, bounds[i], bounds[i + 1], window.timezone) for i in range(k)]
+
+
 def chunked(queries: list[Any], chunks: int) -> list[list[Any]]:
     """The day's queries as steps read one after the other (`fetch_chunks`), each step one
     sub-range of the day.
@@ -351,8 +358,6 @@ def chunked(queries: list[Any], chunks: int) -> list[list[Any]]:
     time slices, only right for a query whose rows are filtered row by row on `{start}`/`{end}`
     (no LIMIT, aggregate or DISTINCT over the day): an opt-in, never the default. Other queries
     are read whole."""
-    from ingestd.core.query import sub_windows
-
     def splittable(q: Any) -> bool:
         if q.template is None or not {"start", "end"} <= set(q.names):
             return False
@@ -360,7 +365,7 @@ def chunked(queries: list[Any], chunks: int) -> list[list[Any]]:
 
     if chunks <= 1 or not queries or not all(splittable(q) for q in queries):
         return [list(queries)]
-    per_query = [[q.with_window(w) for w in sub_windows(q.window, chunks)] for q in queries]
+    per_query = [[q.with_window(w) for w in _sub_windows(q.window, chunks)] for q in queries]
     return [list(step) for step in zip(*per_query, strict=True)]
 
 
