@@ -161,6 +161,9 @@ def translate_cx(text: str, where: str, secrets: list[str]) -> ConnectorError:
     if code:
         transient, words = _sqlstate_words(code, detail)
         return (TransientError if transient else PermanentError)(f"{words}: {detail[:500]}", code=code)
+    if "tls" in lowered or "ssl" in lowered:
+        return PermanentError(f"{where} refused the TLS connection connectorx asked for (sslmode): {text[:300]}",
+                              code="08001")
     if "password authentication failed" in lowered:
         return PermanentError(f"Redshift refused the user name or password: {detail[:300]}", code="28P01")
     if any(w in lowered for w in CX_TRANSIENT_WORDS):
