@@ -8,7 +8,10 @@ smooths the other three during the start-up exchange, then copies bytes both way
     proxy also answers "no" to an SSLRequest itself, so the driver says "Server refuses SSL").
 (b) SCRAM: PostgreSQL ends its list of SASL mechanisms with an empty string; the driver keeps
     that empty name and scramp rejects it. The proxy drops the list terminator from the
-    AuthenticationSASL message so the driver reads exactly the mechanisms offered.
+    AuthenticationSASL message so the driver reads exactly the mechanisms offered. Only for
+    redshift-connector (a start-up message with its `driver_version` parameter): a standard
+    client such as connectorx's rust-postgres reads the list up to the terminator, as the
+    protocol says, and is left alone.
 (c) Start-up parameters: the driver always sends Redshift-only ones (`client_protocol_version`,
     `driver_version`, `os_version`, `driver_discovery_version`, and `plugin_name`, `idp_type`…
     with identity providers) that PostgreSQL rejects as unrecognized configuration parameters.
@@ -109,8 +112,9 @@ class ServerStream:
     """Walks the server's message stream (type byte + int32 length + body) and rewrites the few
     messages that need it; everything else is copied through without being held."""
 
-    def __init__(self, proxy: RedshiftProxy):
+    def __init__(self, proxy: RedshiftProxy, redshift_driver: bool = True):
         self.proxy = proxy
+        self.redshift_driver = redshift_driver
         self.pending = b""
         self.skip = 0  # bytes of the current pass-through message still to copy
 
@@ -145,7 +149,7 @@ class ServerStream:
 
     def rewrite(self, typ: int, body: bytes) -> bytes:
         stats = self.proxy.stats
-        if typ == ord("R") and body[:4] == struct.pack("!I", 10) and body.endswith(b"\0\0"):
+        if typ == ord("R") and self.redshift_driver and body[:4] == struct.pack("!I", 10) and body.endswith(b"\0\0"):
             body = body[:-1]  # (b) AuthenticationSASL: drop the empty-name list terminator
             stats.sasl_fixed += 1
         elif typ == ord("S"):
@@ -266,7 +270,7 @@ class RedshiftProxy:
             server.sendall(_rewrite_startup(payload, self.stats))  # (c)
             up = threading.Thread(target=self._pump_up, args=(client, server), name="pg-proxy-up", daemon=True)
             up.start()
-            stream = ServerStream(self)
+            stream = ServerStream(self, redshift_driver=b"driver_version\0" in payload)
             while True:
                 data = server.recv(262_144)
                 if not data:

@@ -65,7 +65,7 @@ def sql(pg, statement: str, params=None):
 
 def config(proxy, **overrides) -> RedshiftConfig:
     values = dict(database=DB, host=proxy.host, port=proxy.port, user=USER, password=Secret(PASSWORD), ssl=False,
-                  application_name="ingestd-test")
+                  application_name="ingestd-test", fetch_engine="driver")  # tests/test_redshift_cx.py: connectorx
     values.update(overrides)
     return RedshiftConfig(**values)
 

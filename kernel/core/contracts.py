@@ -46,7 +46,9 @@ async def aclosing_stream(stream: AsyncIterator[T]) -> AsyncGenerator[AsyncItera
 @dataclass(frozen=True)
 class Capabilities:
     """What a connector can do. `fingerprint`: its probe returns a content fingerprint.
-    `paramstyle`: how it marks bound parameters. `quote`: its identifier quote character.
+    `paramstyle`: how it marks bound parameters (`literal`: it has none, and the kernel writes
+    the day values into the SQL as typed literals, see `ingestd.core.query.sql_literal`).
+    `quote`: its identifier quote character.
     `row_limit`: its warehouse runs `SELECT * FROM (<day query>) ingestd_l LIMIT n`, so a preview,
     `ingestd check` and schema probes read only the rows they show (see `Connector.limited`;
     since API 2, additive: False by default)."""
@@ -115,6 +117,15 @@ class Connector(ABC):
     def fetch(self, query: DayQuery, batch_rows: int,
               source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch]:
         """Stream the day's rows as RecordBatches of at most `batch_rows` rows, memory bounded."""
+
+    def fetch_slices(self, queries: list[DayQuery], batch_rows: int,
+                     source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch] | None:
+        """A source with `slices = K`: the K disjoint slice queries of one day fetched at once by
+        the connector itself (K connections in its own engine's threads), merged into one stream
+        of batches of at most `batch_rows` rows; or None (the default), and the kernel runs each
+        slice's `fetch` in a worker process of its own (kernel/engine/slices.py). Since API
+        version 2 (additive)."""
+        return None
 
     def limited(self, query: DayQuery, rows: int) -> DayQuery | None:
         """`query` limited to its first `rows` rows (0 or more) in the warehouse, for a preview,

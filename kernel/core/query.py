@@ -1,8 +1,12 @@
 """Turn a source's SQL with `{day}`, `{start}`, `{end}` into a warehouse's bound parameters.
 
-Values are never formatted into SQL text: each placeholder becomes the connector's own
-parameter marker and its value travels separately. A query without placeholders is wrapped
-and filtered on the mapped timestamp column (half-open `[start, end)`) or date column.
+Values are not formatted into SQL text: each placeholder becomes the connector's own parameter
+marker and its value travels separately. The one exception is the `literal` style, for engines
+without bound parameters (connectorx): each placeholder becomes a typed SQL literal written
+from the kernel's own `date`/`datetime`/`int` objects (`DATE '2026-11-01'`,
+`TIMESTAMP '2026-11-01 00:00:00.000000'`, `1761955200`), never from text a user or a request
+supplied; anything else is refused (`sql_literal`). A query without placeholders is wrapped and
+filtered on the mapped timestamp column (half-open `[start, end)`) or date column.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
-ParamStyle = Literal["qmark", "format", "pyformat", "named", "at", "numeric"]
+ParamStyle = Literal["qmark", "format", "pyformat", "named", "at", "numeric", "literal"]
 PLACEHOLDERS = ("day", "start", "end")
 PLACEHOLDER = re.compile(r"\{(day|start|end)\}")
 BRACED = re.compile(r"(?<!\$)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
@@ -45,19 +49,60 @@ class DayWindow:
 
 @dataclass(frozen=True)
 class DayQuery:
-    """SQL in a connector's parameter style, with its parameter values (list or dict)."""
+    """SQL in a connector's parameter style, with its parameter values (list or dict). In the
+    `literal` style the values are in the SQL, `params` is empty and `template` keeps the SQL
+    with its `{day}`/`{start}`/`{end}` placeholders, for `with_values`."""
 
     sql: str
     params: list[Any] | dict[str, Any]
     window: DayWindow
     names: tuple[str, ...] = field(default=())
+    template: str | None = None
+
+    def with_window(self, window: DayWindow) -> DayQuery:
+        """The literal-style query rendered again on another window (a sub-range of the day: an
+        engine reading a day in chunks). Its `sql` differs from what this query's own window gives
+        when the values were not the window's datetimes (integer epoch bounds)."""
+        if self.template is None:
+            raise ValueError("only a literal-style query can be rendered on another window")
+        return DayQuery(_literals(self.template, window.values()), [], window, self.names, self.template)
 
     def with_values(self, **values: Any) -> DayQuery:
-        """The same SQL with other parameter values (the conformance kit's injection test)."""
+        """The same SQL with other parameter values (the conformance kit's injection test). In
+        the `literal` style a value that is not a date, datetime or integer is refused with a
+        `TypeError` (`sql_literal`): text never becomes SQL."""
+        if self.template is not None:
+            merged = {**self.window.values(), **values}
+            return DayQuery(_literals(self.template, merged), [], self.window, self.names, self.template)
         if isinstance(self.params, dict):
             return DayQuery(self.sql, {**self.params, **values}, self.window, self.names)
         merged = {**self.window.values(), **values}
         return DayQuery(self.sql, [merged[n] for n in self.names], self.window, self.names)
+
+
+def sql_literal(value: Any) -> str:
+    """A day value as a typed SQL literal, for the `literal` style: `DATE '2026-11-01'`,
+    `TIMESTAMP '2026-11-01 00:00:00.000000'` (a naive UTC datetime) or an integer (an epoch
+    bound). Only those exact types are written; anything else, text above all, is a TypeError."""
+    if type(value) is dt.datetime:
+        if value.tzinfo is not None:
+            raise TypeError("a timestamp written into SQL must be naive UTC")
+        return f"TIMESTAMP '{value.strftime('%Y-%m-%d %H:%M:%S.%f')}'"
+    if type(value) is dt.date:
+        return f"DATE '{value.strftime('%Y-%m-%d')}'"
+    if type(value) is int:
+        return str(int(value))
+    raise TypeError(f"a day value written into SQL must be a date, datetime or int, not {type(value).__name__}")
+
+
+def _literals(template: str, values: dict[str, Any]) -> str:
+    return PLACEHOLDER.sub(lambda m: sql_literal(values[m.group(1)]), template)
+
+
+def wrap(query: DayQuery, head: str, tail: str) -> DayQuery:
+    """`head + query.sql + tail`, the parameters unchanged (and the template wrapped alike)."""
+    template = None if query.template is None else f"{head}{query.template}{tail}"
+    return DayQuery(f"{head}{query.sql}{tail}", query.params, query.window, query.names, template)
 
 
 def marker(style: ParamStyle, name: str, position: int) -> str:
@@ -133,6 +178,9 @@ def render(
     values = window.values()
     if unit:
         values.update(start=epoch(window.start, unit), end=epoch(window.end, unit))
+    if style == "literal":
+        found = tuple(dict.fromkeys(m.group(1) for m in PLACEHOLDER.finditer(sql)))
+        return DayQuery(_literals(sql, values), [], window, found, sql)
     names: list[str] = []
 
     def substitute(match: re.Match[str]) -> str:
@@ -202,8 +250,8 @@ def day_queries(sql: str, window: DayWindow, style: QueryStyle, *, slices: int =
     if slice_column:
         whole = one(window)
         col = f"{SLICE_ALIAS}.{quote_ident(slice_column, style.quote)}"
-        return [DayQuery(f"SELECT * FROM (\n{whole.sql}\n) {SLICE_ALIAS} "
-                         f"WHERE COALESCE(ABS(MOD({col}, {slices})), 0) = {i}", whole.params, whole.window, whole.names)
+        return [wrap(whole, "SELECT * FROM (\n",
+                     f"\n) {SLICE_ALIAS} WHERE COALESCE(ABS(MOD({col}, {slices})), 0) = {i}")
                 for i in range(slices)]
     return [one(w) for w in sub_windows(window, slices)]
 
@@ -235,5 +283,4 @@ def limit_query(query: DayQuery, rows: int) -> DayQuery:
     warehouse takes a bound parameter in LIMIT."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"a row limit is a non-negative integer, got {rows!r}")
-    return DayQuery(f"SELECT * FROM (\n{query.sql}\n) {LIMIT_ALIAS} LIMIT {int(rows)}", query.params,
-                    query.window, query.names)
+    return wrap(query, "SELECT * FROM (\n", f"\n) {LIMIT_ALIAS} LIMIT {int(rows)}")

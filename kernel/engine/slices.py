@@ -39,6 +39,10 @@ itself when its parent process dies.
 
 The probe is not sliced: it stays one `COUNT(*)` over the whole day.
 
+A connector whose own engine reads several queries at once on several connections (the Redshift
+connector's connectorx engine: Rust threads) takes the K slice queries itself through
+`Connector.fetch_slices`; the worker processes are for connectors that return None there.
+
 Start-up: the forkserver starts with the first sliced load of a process (~0.5 s) and each worker
 then takes ~0.2 s to import the plugins and connect, so slices pay off on days that take more than
 a few seconds. As with any multiprocessing start method but "fork", each worker imports the
@@ -118,7 +122,14 @@ def tasks_for(job: Job, day: dt.date) -> list[SliceTask]:
 
 async def fetch_slices(job: Job, day: dt.date, *,
                        preload: list[str] | None = None) -> AsyncGenerator[pa.RecordBatch, None]:
-    """The day's rows of a sliced source, fetched by worker processes, merged as they arrive."""
+    """The day's rows of a sliced source, merged as they arrive: fetched by the connector's own
+    engine when it offers to (`Connector.fetch_slices`), else by worker processes."""
+    own = job.connector.fetch_slices(job.slice_queries(day), job.batch_rows, job.info)
+    if own is not None:
+        async with aclosing_stream(own) as stream:
+            async for batch in stream:
+                yield batch
+        return
     async with contextlib.aclosing(stream_slices(tasks_for(job, day), preload=preload)) as stream:
         async for batch in stream:
             yield batch

@@ -3,6 +3,13 @@
 Install the driver with `pip install 'ingestd[redshift]'`. `sample.toml` beside this module is the
 documented configuration: every key, its default, what it does.
 
+Two fetch engines (`fetch_engine`). `connectorx`, the default where connectorx is installed (and
+the login is a password, with TLS `verify-ca` or none): cx.py reads the day with connectorx in a
+child process; the connection then declares the `literal` parameter style, so every statement
+(probe, check, fetch) carries the day values as typed literals written from date objects.
+`driver`: what this docstring describes below, redshift-connector's server-side cursor. Probes,
+checks and cancellation use redshift-connector in both.
+
 How a day is read. Every call opens its own connection (session time zone UTC, the statement
 timeout and application name set) and closes it when done, so nothing is held between windows.
 `probe` runs `SELECT COUNT(*) FROM (<day query>) q`. `fetch` streams: in a transaction it runs
@@ -95,12 +102,13 @@ from ingestd import (
     quote_ident,
 )
 
+from . import cx
 from .fast_rows import raw_array, use_fast_data_rows, use_raw_values
 
 log = structlog.get_logger("ingestd.redshift")
 T = TypeVar("T")
 
-__all__ = ["RedshiftConfig", "RedshiftConnector", "arrow_type", "translate"]
+__all__ = ["RedshiftConfig", "RedshiftConnector", "arrow_type", "engine", "translate"]
 
 
 @dataclass
@@ -124,6 +132,8 @@ class RedshiftConfig:
     statement_timeout_ms: int = 3_600_000
     fetch_size: int = 1000
     timeout: int = 30
+    fetch_engine: Literal["connectorx", "driver"] | None = None
+    fetch_chunks: int = 1
 
     def validate(self) -> None:
         if not self.database:
@@ -136,6 +146,18 @@ class RedshiftConfig:
             raise ConfigError("statement_timeout_ms", "must not be negative (0 leaves the cluster's setting)")
         if self.timeout < 1:
             raise ConfigError("timeout", "must be at least 1 second")
+        if not 1 <= self.fetch_chunks <= 96:
+            raise ConfigError("fetch_chunks", "must be between 1 and 96")
+        if self.fetch_engine == "connectorx":
+            if not cx.available():
+                raise ConfigError("fetch_engine", "connectorx is not installed: pip install 'ingestd[redshift]'")
+            if self.iam:
+                raise ConfigError("fetch_engine", "the connectorx engine logs in with a password; with iam = true "
+                                  "use fetch_engine = \"driver\" (or leave it out)")
+            if self.ssl and self.sslmode != "verify-ca":
+                raise ConfigError("fetch_engine", f"connectorx cannot check sslmode = {self.sslmode!r} (it checks "
+                                  "the certificate chain, not the host name): use sslmode = \"verify-ca\" or "
+                                  "fetch_engine = \"driver\"")
         if self.iam:
             if not self.ssl:
                 raise ConfigError("ssl", "IAM authentication needs ssl = true")
@@ -161,6 +183,16 @@ class RedshiftConfig:
                 raise ConfigError("user", "missing: the database user")
             if self.password is None:
                 raise ConfigError("password", "missing: give password_env, password_file or password (or iam = true)")
+
+
+def engine(config: RedshiftConfig) -> Literal["connectorx", "driver"]:
+    """The fetch engine of a connection: `fetch_engine`, else connectorx where it is installed and
+    can log in as configured (a password; TLS with sslmode verify-ca or no TLS), else the driver."""
+    if config.fetch_engine is not None:
+        return config.fetch_engine
+    if config.iam or (config.ssl and config.sslmode != "verify-ca") or not cx.available():
+        return "driver"
+    return "connectorx"
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -495,6 +527,14 @@ class RedshiftConnector(Connector):
     config_model = RedshiftConfig
     capabilities = Capabilities(fingerprint=False, paramstyle="qmark", quote='"', row_limit=True)
 
+    @classmethod
+    def capabilities_for(cls, config: RedshiftConfig) -> Capabilities:
+        """The connectorx engine has no bound parameters: the kernel writes the day values as
+        typed literals (the `literal` style) for every statement of the connection, so the probe
+        counts exactly the SQL the engine reads."""
+        style = "literal" if engine(config) == "connectorx" else "qmark"
+        return Capabilities(fingerprint=False, paramstyle=style, quote='"', row_limit=True)
+
     def __init__(self, config: RedshiftConfig, *, name: str):
         super().__init__(config, name=name)
         place = config.host or config.workgroup or config.cluster_identifier or "?"
@@ -534,7 +574,7 @@ class RedshiftConnector(Connector):
 
         def work(con, cur):
             try:
-                cur.execute(f"SELECT * FROM (\n{query.sql}\n) q LIMIT 0", query.params)
+                cur.execute(f"SELECT * FROM (\n{query.sql}\n) q LIMIT 0", query.params or None)
                 cur.fetchall()
             except Exception as exc:
                 error = translate(exc, self.where)
@@ -586,7 +626,7 @@ class RedshiftConnector(Connector):
 
         def work(con, cur):
             try:
-                return int(cur.execute(sql, query.params).fetchone()[0])
+                return int(cur.execute(sql, query.params or None).fetchone()[0])
             finally:
                 with contextlib.suppress(Exception):
                     con.rollback()
@@ -598,6 +638,11 @@ class RedshiftConnector(Connector):
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
         _driver()
+        if engine(self.config) == "connectorx":
+            async with contextlib.aclosing(self._fetch_cx([query], batch_rows)) as batches:
+                async for batch in batches:
+                    yield batch
+            return
         session = _Session(self)
         stream = ThreadStream(lambda out: self._produce(session, query, batch_rows, out), depth=1,
                               interrupt=session.interrupt, name=f"redshift-fetch-{self.name}")
@@ -653,6 +698,30 @@ class RedshiftConnector(Connector):
             raise error from exc
         finally:
             session.close()
+
+    def fetch_slices(self, queries: list[DayQuery], batch_rows: int,
+                     source: SourceInfo | None = None) -> AsyncIterator[pa.RecordBatch] | None:
+        """With the connectorx engine, a source's K slices are read by connectorx itself: K
+        queries on K connections, one Rust thread each, in one child process. The driver engine
+        leaves them to the kernel's worker processes."""
+        if engine(self.config) != "connectorx":
+            return None
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be at least 1")
+        return self._fetch_cx(list(queries), batch_rows)
+
+    async def _fetch_cx(self, queries: list[DayQuery], batch_rows: int) -> AsyncIterator[pa.RecordBatch]:
+        state: dict[str, Any] = {}
+        stream = ThreadStream(lambda out: cx.produce(self, queries, batch_rows, out, state), depth=1,
+                              interrupt=lambda: cx.interrupt(state), name=f"redshift-cx-{self.name}")
+        started = time.monotonic()
+        yielded = 0
+        async with stream:
+            async for batch in stream:
+                yielded += batch.num_rows
+                yield batch
+        log.debug("fetch.done", connection=self.name, engine="connectorx", rows=yielded,
+                  seconds=round(time.monotonic() - started, 3))
 
     async def close(self) -> None:
         """Nothing to release: every call closes its own session."""

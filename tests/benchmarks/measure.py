@@ -11,6 +11,12 @@ Parts:
 - sink: the day read from the DuckDB warehouse copy and mapped to the events schema first
   (timed apart, as the map figure), then the DuckDB sink's `replace` of those batches, held in
   memory, into a new file.
+- connectorx: connectorx through the proxy as the connector's connectorx engine reads a day
+  (`protocol="cursor"`, `return_type="arrow_stream"`, batches of batch_rows, the day values as
+  literals), batches discarded, in this process (no child, no conversion).
+- dlt: the peer. dlt's `sql_table(backend="pyarrow")` (SQLAlchemy + psycopg2 through the proxy,
+  chunks of batch_rows, the day's range as the query's WHERE) run by a dlt pipeline into a new
+  DuckDB file: extract, normalize and load, timed whole.
 """
 
 from __future__ import annotations
@@ -121,7 +127,42 @@ def sink(a: dict) -> dict:
             "arrow_mb": sum(b.nbytes for b in mapped) / 2**20, "pyarrow": pa.__version__}
 
 
-PARTS = {"wire": wire, "driver": driver, "sink": sink}
+def connectorx(a: dict) -> dict:
+    import connectorx as cx
+    t0 = time.perf_counter()
+    reader = cx.read_sql(a["url"], a["sql"], protocol="cursor", return_type="arrow_stream",
+                         batch_size=int(a["batch_rows"]), pre_execution_query=["SET timezone TO 'UTC'"])
+    rows = 0
+    for batch in reader:
+        rows += batch.num_rows
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rows": rows, "maxrss_mb": _maxrss_mb(), "version": cx.__version__}
+
+
+def dlt_peer(a: dict) -> dict:
+    import dlt
+    import sqlalchemy as sa
+    from dlt.sources.sql_database import sql_table
+    start, end = dt.datetime.fromisoformat(a["start"]), dt.datetime.fromisoformat(a["end"])
+
+    def day_only(query, table):
+        return query.where(table.c.ts >= start).where(table.c.ts < end)
+
+    engine = sa.create_engine(a["url"])
+    resource = sql_table(credentials=engine, table="events", backend="pyarrow", chunk_size=int(a["batch_rows"]),
+                         query_adapter_callback=day_only, reflection_level="full")
+    pipeline = dlt.pipeline(pipeline_name="bench_peer", pipelines_dir=a["folder"], dataset_name="bench",
+                            destination=dlt.destinations.duckdb(a["duckdb_path"]))
+    t0 = time.perf_counter()
+    pipeline.run(resource)
+    seconds = time.perf_counter() - t0
+    import duckdb
+    with duckdb.connect(a["duckdb_path"], read_only=True) as con:
+        rows = con.execute("SELECT count(*) FROM bench.events").fetchone()[0]
+    return {"seconds": seconds, "rows": rows, "maxrss_mb": _maxrss_mb(), "version": dlt.__version__}
+
+
+PARTS = {"wire": wire, "driver": driver, "sink": sink, "connectorx": connectorx, "dlt": dlt_peer}
 
 if __name__ == "__main__":
     print(json.dumps(PARTS[sys.argv[1]](json.loads(sys.argv[2]))))

@@ -8,13 +8,18 @@ It starts its own PostgreSQL (tests/postgres.py) and the Redshift test proxy
 day of N Statsig-like events server-side with generate_series (and a day of N/10), copies the
 day into a DuckDB file (the embedded warehouse), and measures in the same run:
 
-- ceilings: wire (psycopg binary COPY), driver (redshift-connector server-side cursor), sink
-  (the DuckDB sink's replace of the mapped day held in memory), and the map stage on its own;
+- ceilings: wire (psycopg binary COPY), driver (redshift-connector server-side cursor),
+  connectorx (arrow_stream through the proxy, discarded), sink (the DuckDB sink's replace of the
+  mapped day held in memory), and the map stage on its own;
+- the peer: dlt's `sql_table(backend="pyarrow")` -> DuckDB, the same day through the proxy;
 - end to end: `ingestd load` of the day through the Redshift connector into the DuckDB sink,
-  and its ratio to the lower of the driver and sink ceilings;
-- memory: peak RSS of that load at N and N/10 (the subprocess's ru_maxrss);
+  with each fetch engine (connectorx, the default; the driver), against dlt and against
+  min(wire, sink);
+- memory: peak RSS of the default engine's load at N and N/10, summed over the process tree
+  (the connectorx engine reads in a child process), sampled every 0.1 s;
 - embedded path: `ingestd load` of the day from the DuckDB connector, against the sink ceiling;
-- slices: `ingestd load` with slices = 1, 2, 4, the speed-up against 1, and the core count;
+- slices: `ingestd load` with slices = 1, 2 on the connectorx engine (connectorx's own partitioned
+  read) and slices = 2 on the driver engine (worker processes), and the core count;
 - re-check cost: 50 sources x 30 loaded days unchanged (on the DuckDB connector, to keep the
   run short): one re-check window's wall time, against the first load of the same partitions,
   and the rows it fetched;
@@ -63,6 +68,8 @@ MAPPING_TOML = ('timestamp = "ts"\nevent_name = "event_name"\nevent_value = "val
                 'ids = { user_id = "unit_id" }\nmetadata_json = "metadata"\n')
 RECHECK_SOURCES, RECHECK_DAYS, RECHECK_ROWS_PER_DAY = 50, 30, 100
 SCHEDULE_SOURCES = 1000
+CHUNKS = 8
+"""fetch_chunks of the connectorx engine's bounded-memory load (an opt-in)."""
 
 
 def say(msg: str) -> None:
@@ -253,7 +260,7 @@ def state(folder: Path, sql: str, params=()) -> list[tuple]:
         con.close()
 
 
-def redshift_connection(proxy_port: int, fetch_size: int) -> str:
+def redshift_connection(proxy_port: int, fetch_size: int, engine: str = "connectorx", chunks: int = 1) -> str:
     return textwrap.dedent(f"""
         [connections.wh]
         type = "redshift"
@@ -264,6 +271,8 @@ def redshift_connection(proxy_port: int, fetch_size: int) -> str:
         password_env = "INGESTD_BENCH_PASSWORD"
         ssl = false
         fetch_size = {fetch_size}
+        fetch_engine = "{engine}"
+        fetch_chunks = {chunks}
         application_name = "ingestd-bench"
         """)
 
@@ -466,6 +475,7 @@ def machine() -> dict:
         "memory_gb": round(mem / 2**20, 1), "os": platform.platform(), "python": platform.python_version(),
         "ingestd": version("ingestd"), "duckdb": duckdb.__version__, "pyarrow": pyarrow.__version__,
         "redshift_connector": redshift_connector.__version__, "psycopg": psycopg.__version__,
+        "connectorx": version("connectorx"), "dlt": version("dlt"),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -510,7 +520,14 @@ def main() -> int:
         say("wire ceiling: psycopg binary COPY")
         wire = measure("wire", dsn=pg.dsn(USER, PASSWORD, DB), sql=PG_SQL.format(start="%s", end="%s"), **common)
         rs = redshift_connection(proxy_port, args.fetch_size)
-        drivers, sinks, loads, smalls = [], [], [], []
+        rs_driver = redshift_connection(proxy_port, args.fetch_size, "driver")
+        rs_chunked = redshift_connection(proxy_port, args.fetch_size, "connectorx", CHUNKS)
+        chunked_loads: list[dict] = []
+        chunked_smalls: list[dict] = []
+        proxy_url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{proxy_port}/{DB}"
+        literal_sql = PG_SQL.format(start=f"TIMESTAMP '{w.start.isoformat(sep=' ')}'",
+                                    end=f"TIMESTAMP '{w.end.isoformat(sep=' ')}'")
+        drivers, sinks, loads, smalls, cxs, dlts, driver_loads = [], [], [], [], [], [], []
         for r in range(args.repeat):  # interleaved, best of each: the least disturbed try
             say(f"driver ceiling: redshift-connector server-side cursor (try {r + 1})")
             drv = measure("driver", host="127.0.0.1", port=proxy_port, database=DB, user=USER, password=PASSWORD,
@@ -523,19 +540,45 @@ def main() -> int:
                           sink_path=str(base / f"sink-ceiling-{r}.duckdb"))
             assert snk["rows"] == n, snk
             sinks.append(snk)
-            say(f"end to end: ingestd load of {n} rows, Redshift connector -> DuckDB sink (try {r + 1})")
-            loads.append(load_day(load_config(base / f"e2e-{r}", rs, batch_rows=args.batch_rows), DAY, n))
+            say(f"connectorx ceiling: arrow_stream through the proxy, discarded (try {r + 1})")
+            rx = measure("connectorx", url=proxy_url + "?sslmode=disable", sql=literal_sql,
+                         batch_rows=args.batch_rows)
+            assert rx["rows"] == n, rx
+            cxs.append(rx)
+            say(f"peer: dlt sql_table(backend='pyarrow') -> DuckDB (try {r + 1})")
+            peer_dir = base / f"dlt-{r}"
+            peer_dir.mkdir()
+            peer = measure("dlt", url=proxy_url.replace("postgresql://", "postgresql+psycopg2://"),
+                           batch_rows=args.batch_rows, folder=str(peer_dir), duckdb_path=str(peer_dir / "dlt.duckdb"),
+                           **common)
+            assert peer["rows"] == n, peer
+            dlts.append(peer)
+            say(f"end to end: ingestd load of {n} rows, Redshift connector (connectorx) -> DuckDB sink (try {r + 1})")
+            loads.append(load_day(load_config(base / f"e2e-{r}", rs, batch_rows=args.batch_rows), DAY, n, tree=True))
+            say(f"end to end: ingestd load of {n} rows, Redshift connector (driver) -> DuckDB sink (try {r + 1})")
+            driver_loads.append(load_day(load_config(base / f"e2e-driver-{r}", rs_driver, batch_rows=args.batch_rows),
+                                         DAY, n, tree=True))
             say(f"memory: ingestd load of {small} rows (try {r + 1})")
             smalls.append(load_day(load_config(base / f"e2e-small-{r}", rs, batch_rows=args.batch_rows),
-                                   SMALL_DAY, small))
+                                   SMALL_DAY, small, tree=True))
+            say(f"end to end: ingestd load of {n} and {small} rows, fetch_chunks = {CHUNKS} (try {r + 1})")
+            chunked_loads.append(load_day(load_config(base / f"e2e-chunked-{r}", rs_chunked,
+                                                      batch_rows=args.batch_rows), DAY, n, tree=True))
+            chunked_smalls.append(load_day(load_config(base / f"e2e-chunked-small-{r}", rs_chunked,
+                                                       batch_rows=args.batch_rows), SMALL_DAY, small, tree=True))
         drv = min(drivers, key=lambda x: x["seconds"])
         snk = min(sinks, key=lambda x: x["seconds"])
         e2e = max(loads, key=lambda x: x["rows_per_s"])
+        e2e_driver = max(driver_loads, key=lambda x: x["rows_per_s"])
+        rx = min(cxs, key=lambda x: x["seconds"])
+        peer = min(dlts, key=lambda x: x["seconds"])
         ceilings = {
             "wire_rows_per_s": round(n / wire["seconds"]),
             "wire_mb_per_s": round(wire["bytes"] / 2**20 / wire["seconds"], 1),
             "driver_rows_per_s": round(n / drv["seconds"]), "driver_peak_rss_mb": round(drv["maxrss_mb"], 1),
             "sink_rows_per_s": round(n / snk["seconds"]),
+            "connectorx_rows_per_s": round(n / rx["seconds"]), "connectorx_peak_rss_mb": round(rx["maxrss_mb"], 1),
+            "connectorx_rows_per_s_tries": [round(n / x["seconds"]) for x in cxs],
             "map_rows_per_s": round(n / min(x["map_seconds"] for x in sinks)),
             "mapped_day_arrow_mb": round(snk["arrow_mb"], 1),
             "driver_rows_per_s_tries": [round(n / x["seconds"]) for x in drivers],
@@ -543,23 +586,50 @@ def main() -> int:
         }
         ceilings["driver_to_wire"] = round(ceilings["driver_rows_per_s"] / ceilings["wire_rows_per_s"], 3)
         result["ceilings"] = ceilings
-        lower = min(ceilings["driver_rows_per_s"], ceilings["sink_rows_per_s"])
-        result["end_to_end"] = {
-            "rows_per_s": round(e2e["rows_per_s"]), "load_s": round(e2e["load_s"], 2),
-            "command_wall_s": round(e2e["wall_s"], 2),
-            "lower_ceiling": "driver" if ceilings["driver_rows_per_s"] <= ceilings["sink_rows_per_s"] else "sink",
-            "ratio_to_lower_ceiling": round(e2e["rows_per_s"] / lower, 3),
-            "rows_per_s_tries": [round(x["rows_per_s"]) for x in loads],
-            "command_cpu_s": round(e2e["cpu_s"], 2),
-        }
-        peak_n = max(x["maxrss_mb"] for x in loads)
-        peak_small = max(x["maxrss_mb"] for x in smalls)
+        peer_rate = n / peer["seconds"]
+        result["peer"] = {"tool": f"dlt {peer['version']} sql_table(backend='pyarrow') -> DuckDB",
+                          "rows_per_s": round(peer_rate), "seconds": round(peer["seconds"], 2),
+                          "peak_rss_mb": round(peer["maxrss_mb"], 1),
+                          "rows_per_s_tries": [round(n / x["seconds"]) for x in dlts]}
+        lower = min(ceilings["wire_rows_per_s"], ceilings["sink_rows_per_s"])
+
+        def e2e_figures(best: dict, tries: list[dict]) -> dict:
+            return {
+                "rows_per_s": round(best["rows_per_s"]), "load_s": round(best["load_s"], 2),
+                "command_wall_s": round(best["wall_s"], 2),
+                "command_rows_per_s": round(n / best["wall_s"]),
+                "ratio_to_dlt": round(best["rows_per_s"] / peer_rate, 3),
+                "command_ratio_to_dlt": round(n / best["wall_s"] / peer_rate, 3),
+                "ratio_to_min_wire_sink": round(best["rows_per_s"] / lower, 3),
+                "ratio_to_connectorx_ceiling": round(best["rows_per_s"] / ceilings["connectorx_rows_per_s"], 3),
+                "ratio_to_driver_ceiling": round(best["rows_per_s"] / ceilings["driver_rows_per_s"], 3),
+                "rows_per_s_tries": [round(x["rows_per_s"]) for x in tries],
+                "command_cpu_s": round(best["cpu_s"], 2),
+                "tree_peak_rss_mb": round(max(x["tree_peak_rss_mb"] for x in tries), 1),
+            }
+
+        result["end_to_end"] = {"min_wire_sink": "wire" if ceilings["wire_rows_per_s"] <= ceilings["sink_rows_per_s"]
+                                else "sink",
+                                "connectorx": e2e_figures(e2e, loads), "driver": e2e_figures(e2e_driver, driver_loads),
+                                f"connectorx_fetch_chunks_{CHUNKS}": e2e_figures(
+                                    max(chunked_loads, key=lambda x: x["rows_per_s"]), chunked_loads)}
+        peak_n = max(x["tree_peak_rss_mb"] for x in loads)
+        peak_small = max(x["tree_peak_rss_mb"] for x in smalls)
         result["memory"] = {
+            "engine": "connectorx", "measured": "sum of the RSS of the ingestd process and its children, every 0.1 s",
             "peak_rss_mb_at_n": round(peak_n, 1), "peak_rss_mb_at_n_div_10": round(peak_small, 1),
             "growth_mb_for_10x_rows": round(peak_n - peak_small, 1),
             "ratio_n_to_n_div_10": round(peak_n / peak_small, 3),
-            "peak_rss_mb_tries_at_n": [round(x["maxrss_mb"], 1) for x in loads],
-            "peak_rss_mb_tries_at_n_div_10": [round(x["maxrss_mb"], 1) for x in smalls],
+            "peak_rss_mb_tries_at_n": [round(x["tree_peak_rss_mb"], 1) for x in loads],
+            "peak_rss_mb_tries_at_n_div_10": [round(x["tree_peak_rss_mb"], 1) for x in smalls],
+            "main_process_maxrss_mb_at_n": round(max(x["maxrss_mb"] for x in loads), 1),
+        }
+        cpeak_n = max(x["tree_peak_rss_mb"] for x in chunked_loads)
+        cpeak_small = max(x["tree_peak_rss_mb"] for x in chunked_smalls)
+        result["memory"][f"fetch_chunks_{CHUNKS}"] = {
+            "peak_rss_mb_at_n": round(cpeak_n, 1), "peak_rss_mb_at_n_div_10": round(cpeak_small, 1),
+            "growth_mb_for_10x_rows": round(cpeak_n - cpeak_small, 1),
+            "main_process_maxrss_mb_at_n": round(max(x["maxrss_mb"] for x in chunked_loads), 1),
         }
 
         if args.profile:
@@ -581,20 +651,20 @@ def main() -> int:
 
         if "slices" not in args.skip:
             sl: dict = {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))}
-            tries: dict[int, list] = {1: [], 2: [], 4: []}
+            runs_of: dict[str, list] = {"connectorx_k1": [], "connectorx_k2": [], "driver_k2": []}
             for r in range(args.repeat):
-                for k in (1, 2, 4):
-                    say(f"slices: ingestd load of {n} rows with slices = {k} (try {r + 1})")
-                    tries[k].append(load_day(load_config(base / f"slices{k}-{r}", rs, slices=k,
-                                                         batch_rows=args.batch_rows), DAY, n, tree=True))
-            for k, runs in tries.items():
+                for name, conn, k in (("connectorx_k1", rs, 1), ("connectorx_k2", rs, 2), ("driver_k2", rs_driver, 2)):
+                    say(f"slices: ingestd load of {n} rows, {name} (try {r + 1})")
+                    runs_of[name].append(load_day(load_config(base / f"slices-{name}-{r}", conn, slices=k,
+                                                              batch_rows=args.batch_rows), DAY, n, tree=True))
+            for name, runs in runs_of.items():
                 best = max(runs, key=lambda x: x["rows_per_s"])
-                sl[f"k{k}"] = {"rows_per_s": round(best["rows_per_s"]), "load_s": round(best["load_s"], 2),
-                               "ratio_to_driver_ceiling": round(best["rows_per_s"] / ceilings["driver_rows_per_s"], 3),
-                               "tree_peak_rss_mb": round(max(x["tree_peak_rss_mb"] for x in runs), 1),
-                               "rows_per_s_tries": [round(x["rows_per_s"]) for x in runs]}
-            for k in (2, 4):
-                sl[f"speedup_k{k}"] = round(sl[f"k{k}"]["rows_per_s"] / sl["k1"]["rows_per_s"], 3)
+                sl[name] = {"rows_per_s": round(best["rows_per_s"]), "load_s": round(best["load_s"], 2),
+                            "ratio_to_dlt": round(best["rows_per_s"] / peer_rate, 3),
+                            "tree_peak_rss_mb": round(max(x["tree_peak_rss_mb"] for x in runs), 1),
+                            "rows_per_s_tries": [round(x["rows_per_s"]) for x in runs]}
+            sl["connectorx_speedup_k2"] = round(sl["connectorx_k2"]["rows_per_s"] / sl["connectorx_k1"]["rows_per_s"],
+                                                3)
             result["slices"] = sl
 
         if "recheck" not in args.skip:
@@ -622,7 +692,10 @@ def main() -> int:
 
 def targets(r: dict) -> dict:
     """The issue's targets, met or not."""
-    out = {"end_to_end_at_least_0.85_of_lower_ceiling": r["end_to_end"]["ratio_to_lower_ceiling"] >= 0.85,
+    default = r["end_to_end"]["connectorx"]
+    out = {"default_engine_at_least_2x_dlt": default["ratio_to_dlt"] >= 2.0,
+           "default_engine_at_least_0.5_of_min_wire_sink": default["ratio_to_min_wire_sink"] >= 0.5,
+           "peak_rss_at_most_300_mb": r["memory"]["peak_rss_mb_at_n"] <= 300,
            "rss_growth_under_50_mb_for_10x_rows": r["memory"]["growth_mb_for_10x_rows"] < 50}
     if "recheck" in r:
         out["unchanged_recheck_fetches_zero_rows"] = (r["recheck"]["rows_fetched"] == 0
