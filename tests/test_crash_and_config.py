@@ -89,6 +89,18 @@ def test_a_bad_config_key_names_its_path(tmp_path, warehouse):
     assert f"{cfg}: daemon.max_loads: unknown key" in out.stderr
 
 
+def test_a_bad_shared_bus_group_names_its_path(tmp_path, warehouse):
+    """`[bus] shared` is true/false or a cluster name that is one topic level (it goes into
+    `$share/<group>/...`): a '/' or a wildcard is refused, naming the key."""
+    cfg = write_config(tmp_path, bus='enabled = false\nshared = "team/a"')
+    out = ingestd("check", config=cfg)
+    assert out.returncode == 2
+    assert f"{cfg}: bus.shared: a cluster name must be one topic level" in out.stderr
+    cfg = write_config(tmp_path, bus="enabled = false\nshared = 3")
+    out = ingestd("check", config=cfg)
+    assert out.returncode == 2 and f"{cfg}: bus.shared: expected one of" in out.stderr
+
+
 def test_a_bad_cron_string_names_its_path(tmp_path, warehouse):
     cfg = write_config(tmp_path, schedule='["0 6 * * *", "61 * * * *"]')
     out = ingestd("run", "--once", config=cfg)
