@@ -114,14 +114,14 @@ class TestRedshiftConnectorxEngine(ConnectorSuite):
 
 # -- config, engine, literals ------------------------------------------------------------------------
 
-def test_the_engine_defaults_to_connectorx_and_declares_the_literal_style():
+def test_the_engine_defaults_to_the_driver_and_connectorx_declares_the_literal_style():
     base = dict(host="h.example", database="dev", user="u", password="pw-1")
     cfg = build_model(RedshiftConfig, base, "connections.rs")
-    assert cfg.fetch_engine is None and engine(cfg) == "connectorx"
-    assert RedshiftConnector.capabilities_for(cfg).paramstyle == "literal"
-    driver = build_model(RedshiftConfig, {**base, "fetch_engine": "driver"}, "connections.rs")
-    assert engine(driver) == "driver" and RedshiftConnector.capabilities_for(driver).paramstyle == "qmark"
-    # verify-full and IAM stay on the driver by default, and are refused with connectorx asked for
+    assert cfg.fetch_engine is None and engine(cfg) == "driver"
+    assert RedshiftConnector.capabilities_for(cfg).paramstyle == "qmark"
+    cx_cfg = build_model(RedshiftConfig, {**base, "fetch_engine": "connectorx"}, "connections.rs")
+    assert engine(cx_cfg) == "connectorx" and RedshiftConnector.capabilities_for(cx_cfg).paramstyle == "literal"
+    # verify-full and IAM are refused with connectorx asked for
     full = build_model(RedshiftConfig, {**base, "sslmode": "verify-full"}, "connections.rs")
     assert engine(full) == "driver"
     with pytest.raises(ConfigErrors, match="fetch_engine"):

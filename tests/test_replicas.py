@@ -79,7 +79,8 @@ def fill_warehouse(path: Path, sources: list[str], days: list[dt.date], rows: in
 
 def replica_config(folder: Path, replica: str, *, port: int, db: str, broker_port: int, sources: list[str],
                    lease_seconds: float = 6, connection_type: str = "duckdb", max_concurrent_loads: int = 2,
-                   lookback: int = 3, recheck: str = '["0 18 * * *"]', batch_rows: int = 1000) -> Path:
+                   lookback: int = 3, recheck: str = '["0 18 * * *"]', batch_rows: int = 1000,
+                   warehouse: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     url = f"postgresql://ingestd@127.0.0.1:{port}/{db}"
     text = f"""
@@ -113,7 +114,7 @@ password_env = "INGESTD_TEST_PG_PASSWORD"
 
 [connections.wh]
 type = "{connection_type}"
-path = "{folder.parent / 'warehouse.duckdb'}"
+path = "{warehouse or folder.parent / 'warehouse.duckdb'}"
 """
     for name in sources:
         text += f"""

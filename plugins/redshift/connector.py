@@ -3,11 +3,11 @@
 Install the driver with `pip install 'ingestd[redshift]'`. `sample.toml` beside this module is the
 documented configuration: every key, its default, what it does.
 
-Two fetch engines (`fetch_engine`). `connectorx`, the default where connectorx is installed (and
-the login is a password, with TLS `verify-ca` or none): cx.py reads the day with connectorx in a
+Two fetch engines (`fetch_engine`). `connectorx`, opt-in (a password login, with TLS `verify-ca`
+or none): cx.py reads the day with connectorx in a
 child process; the connection then declares the `literal` parameter style, so every statement
 (probe, check, fetch) carries the day values as typed literals written from date objects.
-`driver`: what this docstring describes below, redshift-connector's server-side cursor. Probes,
+`driver`, the default: what this docstring describes below, redshift-connector's server-side cursor. Probes,
 checks and cancellation use redshift-connector in both.
 
 How a day is read. Every call opens its own connection (session time zone UTC, the statement
@@ -186,13 +186,10 @@ class RedshiftConfig:
 
 
 def engine(config: RedshiftConfig) -> Literal["connectorx", "driver"]:
-    """The fetch engine of a connection: `fetch_engine`, else connectorx where it is installed and
-    can log in as configured (a password; TLS with sslmode verify-ca or no TLS), else the driver."""
-    if config.fetch_engine is not None:
-        return config.fetch_engine
-    if config.iam or (config.ssl and config.sslmode != "verify-ca") or not cx.available():
-        return "driver"
-    return "connectorx"
+    """The fetch engine of a connection: `fetch_engine`, else the driver. connectorx is opt-in
+    while it buffers what the pipeline has not taken yet without bound (sample.toml): a day's
+    backlog in memory is a risk a default must not take."""
+    return config.fetch_engine or "driver"
 
 
 # -- the driver ---------------------------------------------------------------------------------

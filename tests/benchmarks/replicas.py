@@ -58,7 +58,8 @@ def run_case(folder: Path, pg, broker: Mosquitto, *, replicas: int, width: int, 
     started = time.monotonic()
     procs = [Replica(replica_config(folder / db / f"r{i}", f"r{i}", port=pg.port, db=db, broker_port=broker.port,
                                     sources=sources, connection_type="slowduck", max_concurrent_loads=width,
-                                    recheck="[]", lookback=len(days), batch_rows=1000), f"r{i}", env)
+                                    recheck="[]", lookback=len(days), batch_rows=1000,
+                                    warehouse=folder / "warehouse.duckdb"), f"r{i}", env)
              for i in range(1, replicas + 1)]
     keys = [(s, d) for s in sources for d in days]
     try:
