@@ -234,7 +234,7 @@ class Daemon:
         rt = self.rt
         if self._settle is not None:
             await self._settle(rt)
-        adopted = await rt.state.adopt_outbox(rt.lease_seconds)
+        adopted = await rt.state.adopt_outbox(2 * rt.lease_seconds)  # a replica missing two leases' heartbeats
         if adopted:
             log.info("outbox.adopted", events=adopted, replica=rt.replica)
         await self.control.resume_backfills()
