@@ -31,10 +31,12 @@ def test_load_status_and_run_once_keep_their_state_in_postgres(tmp_path, warehou
         return postgres_cluster.execute(sql, dbname="cli_state")
 
     assert pg("SELECT status, generation, rows FROM ingest.partitions") == [("succeeded", 1, 120)]
-    assert pg("SELECT trigger, status, replica FROM ingest.runs") == [("manual", "succeeded", "cli-1")]
-    assert pg("SELECT replica FROM ingest.replicas") == [("cli-1",)]
+    # a CLI command is a replica of its own beside the daemon of the same config (`<replica_id>.cli-<pid>`)
+    [(trigger, status, replica)] = pg("SELECT trigger, status, replica FROM ingest.runs")
+    assert (trigger, status) == ("manual", "succeeded") and replica.startswith("cli-1.cli-")
+    assert pg("SELECT replica FROM ingest.replicas") == [(replica,)]
     assert not (tmp_path / "state.db").exists(), "no SQLite state beside a PostgreSQL one"
-    assert pg("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ingestd cli-1'") == [(0,)], \
+    assert pg("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'ingestd cli-1%'") == [(0,)], \
         "the command closed its connections"
 
     out = ingestd("run", "--once", "--now", f"{D + dt.timedelta(days=2)}T06:05:00+00:00", config=cfg, env=env)
