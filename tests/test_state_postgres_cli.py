@@ -56,3 +56,35 @@ def test_load_status_and_run_once_keep_their_state_in_postgres(tmp_path, warehou
     out = ingestd("status", config=cfg, env=cli_env(STATE_PW="wrong-password-123"))
     assert out.returncode != 0
     assert "password authentication failed" in out.stderr and "wrong-password-123" not in out.stdout + out.stderr
+
+
+def test_a_load_of_a_day_another_replica_holds_says_busy_and_changes_nothing(tmp_path, warehouse,
+                                                                             postgres_cluster):  # noqa: F811
+    """A CLI `load` beside a replica that holds the day's lease (a live lease row of replica
+    `other`, written here as that replica would): the answer is `busy`, exit 1, no traceback, and
+    neither a run nor a generation is recorded; once the lease has lapsed, the load goes ahead."""
+    postgres_cluster.create_user("ingestd_busy", PASSWORD)
+    postgres_cluster.create_database("cli_busy", owner="ingestd_busy")
+    warehouse.add_events(D, 50)
+    url = f"postgresql://ingestd_busy@{postgres_cluster.host}:{postgres_cluster.port}/cli_busy"
+    cfg = write_config(tmp_path, lookback=1, extra_daemon=f'state_url = "{url}"\nstate_password_env = "STATE_PW"')
+    env = cli_env(STATE_PW=PASSWORD)
+    other_day = (D - dt.timedelta(days=1)).isoformat()
+    assert ingestd("load", "orders", "--day", other_day, config=cfg, env=env).returncode == 0  # makes the schema
+
+    def pg(sql: str) -> list[tuple]:
+        return postgres_cluster.execute(sql, dbname="cli_busy")
+
+    pg(f"INSERT INTO ingestd.leases (source, day, replica, token, expires_at) VALUES "
+       f"('orders', '{D.isoformat()}', 'other', 7, now() + interval '10 minutes')")
+    out = ingestd("load", "orders", "--day", D.isoformat(), config=cfg, env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"orders {D}: busy: another replica is loading this day" in out.stdout
+    assert "Traceback" not in out.stderr
+    assert pg(f"SELECT count(*) FROM ingestd.runs WHERE day = '{D.isoformat()}'") == [(0,)]
+    assert pg(f"SELECT count(*) FROM ingestd.partitions WHERE day = '{D.isoformat()}'") == [(0,)]
+
+    pg("UPDATE ingestd.leases SET expires_at = now() - interval '1 second'")
+    out = ingestd("load", "orders", "--day", D.isoformat(), config=cfg, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert pg(f"SELECT status, generation FROM ingestd.partitions WHERE day = '{D.isoformat()}'") == [("succeeded", 8)]

@@ -59,7 +59,7 @@ class Load(Command):
                     return EXIT_USAGE
             assert isinstance(out, Outcome)
             print(self.describe(args, out))
-            return EXIT_OK if out.status != "failed" else EXIT_FAILED
+            return EXIT_FAILED if out.status in ("failed", "busy", "fenced") else EXIT_OK
 
         interrupts = Interrupts(gentle=lambda: f"stopping: the load of {args.source} {args.day} runs to its end",
                                 waiting=list)
@@ -78,5 +78,5 @@ class Load(Command):
                   "emptied": f"generation {out.generation}, 0 rows: the day has no rows in the warehouse any more",
                   "empty": f"{out.reason or 'no rows'}; nothing written",
                   "held": out.reason or "",
-                  "failed": out.reason or ""}[out.status]
+                  "failed": out.reason or ""}.get(out.status, out.reason or "")
         return f"{args.source} {args.day}: {out.status}: {detail}"
