@@ -329,6 +329,11 @@ def test_three_replicas_load_every_day_once_fire_each_window_once_and_share_a_ba
         assert {(s, k) for s, k, _ in starts} == {(s, k) for s in sources for k in ("load", "recheck")}
         spread = Counter(r["replica"] for r in done)
         assert set(spread) == {"r1", "r2", "r3"}, spread
+        out = subprocess.run([sys.executable, "-m", "ingestd", "-c", str(replicas[0].config), "status", "--json"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert sorted(r["replica"] for r in json.loads(out.stdout)["replicas"]) == ["r1", "r2", "r3"]
+        assert PASSWORD not in out.stdout + out.stderr
 
         request = {"source": "*", "from": backfill_days[-1].isoformat(), "to": backfill_days[0].isoformat(),
                    "request_id": "bf-shared-1"}

@@ -53,6 +53,10 @@ def test_load_status_and_run_once_keep_their_state_in_postgres(tmp_path, warehou
     assert (orders["source"], orders["last_status"], orders["last_loaded_day"]) == (
         "orders", "succeeded", (D + dt.timedelta(days=1)).isoformat())
 
+    assert report["replicas"] == [], "a CLI command is not a replica the status lists"
+    out = ingestd("status", config=cfg, env=env)
+    assert out.returncode == 0 and "replicas alive: none" in out.stdout, out.stdout + out.stderr
+
     out = ingestd("status", config=cfg, env=cli_env(STATE_PW="wrong-password-123"))
     assert out.returncode != 0
     assert "password authentication failed" in out.stderr and "wrong-password-123" not in out.stdout + out.stderr

@@ -100,11 +100,17 @@ async def source_status(config: Config, state: StateStore, name: str, days: int,
 async def status_report(config: Config, state: StateStore, names: list[str], days: int,
                         now: dt.datetime) -> dict[str, Any]:
     """Every named source's status and the running backfills: what `ingestd status --json` and
-    the `status` request show."""
-    return {
+    the `status` request show; with a shared state store, also the replicas alive now (daemons,
+    not CLI commands) with their last heartbeat."""
+    report: dict[str, Any] = {
         "sources": [await source_status(config, state, n, days, now) for n in names],
         "backfills": [await backfill_view(state, b) for b in await state.backfills("running")],
     }
+    if state.shared:
+        report["replicas"] = [{"replica": r.replica, "host": r.host, "pid": r.pid,
+                               "started_at": r.started_at.isoformat(), "seen_at": r.seen_at.isoformat()}
+                              for r in await state.live_replicas() if ".cli-" not in r.replica]
+    return report
 
 
 async def backfill_view(state: StateStore, b: Backfill) -> dict[str, Any]:

@@ -127,6 +127,9 @@ def print_status(report: dict[str, Any], days: int) -> None:
             ready = "  (marked ready)" if d["ready_at"] else ""
             state = paint(f"{d['state']:<9}", CELLS.get(d["state"], ("", ""))[1], colour)
             print(f"  {d['day']}  {state}  {d['summary']}{ready}")
+    if "replicas" in report:
+        alive = ", ".join(f"{r['replica']} ({r['host']}, pid {r['pid']})" for r in report["replicas"])
+        print(f"replicas alive: {alive or 'none'}")
     for b in report["backfills"]:
         progress = f": {b['done']}/{b['total']} days, {b['rows']:,} rows" if "done" in b else ""
         print(f"backfill {b['id']} running: {', '.join(b['sources'])} {b['from']}..{b['to']}{progress}")
