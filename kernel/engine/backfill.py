@@ -4,14 +4,15 @@ resumable after a kill. The same request id twice runs once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
+import functools
 from collections.abc import Awaitable, Callable
 
 from ..core import logs
 from ..core.errors import IngestdError
 from ..core.events import BackfillAccepted, BackfillDone, BackfillProgress, Event
 from .ingest import Outcome, load_day
+from .lease import renewing
 from .runtime import Runtime, SourceGone, event
 from .state import Backfill
 
@@ -141,29 +142,20 @@ async def _run_claimed(rt: Runtime, backfill_id: int, record: Record) -> None:
             if claimed is None:
                 return
             source, day = claimed
-            renewer = asyncio.create_task(_renew_day(rt, backfill_id, source, day))
-            try:
+            # A lapsed claim lets another replica take the day; its load is leased, so never concurrent.
+            renew = functools.partial(rt.state.renew_backfill_day, backfill_id, source, day, rt.lease_seconds)
+            async with renewing(rt, "backfill_day", renew, backfill_id=backfill_id, source=source,
+                                day=day.isoformat()):
                 outcome = await _load(rt, backfill_id, source, day)
                 while outcome.status == "busy" and not rt.stopping.is_set():
                     await asyncio.sleep(BUSY_RETRY_SECONDS)  # the day's own window is loading it now
                     outcome = await _load(rt, backfill_id, source, day)
-            finally:
-                renewer.cancel()
-                with contextlib.suppress(BaseException):
-                    await renewer
             if outcome.status not in ("busy", "fenced"):  # fenced: the replica that took the day over records it
                 await record(source, day, outcome)
 
     async with asyncio.TaskGroup() as group:
         for _ in range(rt.config.daemon.max_concurrent_loads):
             group.create_task(worker())
-
-
-async def _renew_day(rt: Runtime, backfill_id: int, source: str, day: dt.date) -> None:
-    while True:
-        await asyncio.sleep(rt.lease_seconds / 3)
-        with contextlib.suppress(Exception):  # lapsing lets another replica take the day: its load is leased
-            await rt.state.renew_backfill_day(backfill_id, source, day, rt.lease_seconds)
 
 
 async def cancel(rt: Runtime, backfill_id: int) -> bool:

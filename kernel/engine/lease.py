@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..core import logs
 from ..core.contracts import Fence
@@ -50,31 +51,48 @@ async def partition_lease(rt: Runtime, source: str, day: dt.date) -> AsyncIterat
         yield None
         return
     lease = Lease(token, rt.state.fence(source, day, token))
-    renewer = asyncio.create_task(_renew(rt, source, day, lease), name=f"lease-{source}-{day}")
+
+    def lost() -> None:
+        lease.lost = True
+
     try:
-        yield lease
+        async with renewing(rt, "lease", lambda: rt.state.renew_partition(source, day, token, rt.lease_seconds),
+                            lost, source=source, day=day.isoformat(), token=token):
+            yield lease
     finally:
-        renewer.cancel()
-        with contextlib.suppress(BaseException):
-            await renewer
         with contextlib.suppress(Exception):  # an expired lease lapses by itself
             await asyncio.shield(rt.state.release_partition(source, day, token))
 
 
-async def _renew(rt: Runtime, source: str, day: dt.date, lease: Lease) -> None:
-    """Renew every third of the lease; a failed renewal is retried until the lease is lost."""
-    assert lease.token is not None
-    while True:
-        await asyncio.sleep(rt.lease_seconds / 3)
-        try:
-            held = await rt.state.renew_partition(source, day, lease.token, rt.lease_seconds)
-        except Exception as exc:  # the store is unreachable for now: the commit's fence decides
-            log.warning("lease.renew_failed", source=source, day=day.isoformat(), error=str(exc))
-            continue
-        if not held:
-            lease.lost = True
-            log.warning("lease.lost", source=source, day=day.isoformat(), token=lease.token, replica=rt.replica)
-            return
+@contextlib.asynccontextmanager
+async def renewing(rt: Runtime, what: str, renew: Callable[[], Awaitable[bool]],
+                   on_lost: Callable[[], None] | None = None, **ctx: Any) -> AsyncIterator[None]:
+    """Renew a lease or claim (`renew`) every third of `lease_seconds` while the block runs.
+    A renewal that fails (the store unreachable for now) is tried again at the next tick; one
+    that answers False means it lapsed: `<what>.lost` is logged, `on_lost` called, and renewing
+    stops. What it guarded is decided by its fence or claim, never by this task."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(rt.lease_seconds / 3)
+            try:
+                held = await renew()
+            except Exception as exc:
+                log.warning(f"{what}.renew_failed", error=str(exc), replica=rt.replica, **ctx)
+                continue
+            if not held:
+                log.warning(f"{what}.lost", replica=rt.replica, **ctx)
+                if on_lost is not None:
+                    on_lost()
+                return
+
+    task = asyncio.create_task(loop(), name=f"renew-{what}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 @contextlib.asynccontextmanager
@@ -95,19 +113,7 @@ async def window_claim(rt: Runtime, source: str, kind: str, due: dt.datetime) ->
             yield False
             return
         log.info("window.claimed", source=source, kind=kind, due=due.isoformat(), replica=rt.replica)
-        renewer = asyncio.create_task(_renew_window(rt, source, kind, due), name=f"window-{kind}-{source}")
-        try:
+        # A lapsed window claim only lets another replica run the window again: its days stay leased.
+        async with renewing(rt, "window", lambda: rt.state.renew_window(source, kind, due, rt.lease_seconds),
+                            source=source, kind=kind):
             yield True
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(BaseException):
-                await renewer
-
-
-async def _renew_window(rt: Runtime, source: str, kind: str, due: dt.datetime) -> None:
-    while True:
-        await asyncio.sleep(rt.lease_seconds / 3)
-        try:
-            await rt.state.renew_window(source, kind, due, rt.lease_seconds)
-        except Exception as exc:  # lapsing only lets another replica run the window again: days stay leased
-            log.warning("window.renew_failed", source=source, kind=kind, error=str(exc))
